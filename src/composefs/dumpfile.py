@@ -1,0 +1,470 @@
+"""The composefs dump format (composefs-dump(5)): one text line per file of a tree.
+
+Follows ``docs/dumpfile.md`` of the project specs, which restates the reference
+(``mkcomposefs --from-file`` parses, ``composefs-info dump`` emits).  Parsing is *lenient*
+by default and *strict* when asked (or when ``CFS_PARSE_STRICT`` is set, like the reference):
+strict mode requires the trailing newline, zero RDEV on non-devices, symlink SIZE equal to
+the target length and no CONTENT on symlinks.
+
+Deliberate differences from the reference parser, all for input it mishandles: a number
+with trailing garbage is always an error (the reference sometimes ignores it, depending on
+the values of other fields), and DIGEST must be exactly 64 hex digits or ``-`` (the
+reference reads undefined memory otherwise; an empty field counts as absent).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from composefs.errors import DumpfileError, TreeError
+from composefs.tree import (
+    FILE_TYPES,
+    INLINE_CONTENT_MAX,
+    NAME_MAX,
+    PAYLOAD_MAX,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
+    XATTR_BUDGET,
+    XATTR_HEADER_OVERHEAD,
+    XATTR_NAME_MAX,
+    XATTR_VALUE_MAX,
+    Inode,
+    Tree,
+)
+
+U64 = (1 << 64) - 1
+U32 = (1 << 32) - 1
+FIXED_FIELDS = 11
+XATTR_TEXT_MAX = 0xFFFF  # longer xattr sections are refused before parsing them
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_SIMPLE_ESCAPES = {ord("\\"): 0x5C, ord("n"): 0x0A, ord("r"): 0x0D, ord("t"): 0x09}
+_C_SPACE = b" \t\n\v\f\r"
+
+
+class _ParseError(Exception):
+    """Internal: a message without position, turned into DumpfileError by the caller."""
+
+
+# -- escaping -------------------------------------------------------------------------------
+
+
+def unescape(field: bytes) -> bytes:
+    """Decode the escapes of one dump field (``\\\\``, ``\\n``, ``\\r``, ``\\t``, ``\\xHH``)."""
+    if b"\\" not in field:
+        return field
+    out = bytearray()
+    i = 0
+    n = len(field)
+    while True:
+        j = field.find(b"\\", i)
+        if j < 0:
+            out += field[i:]
+            return bytes(out)
+        out += field[i:j]
+        if j + 1 >= n:
+            raise _ParseError("No character after escape")
+        c = field[j + 1]
+        simple = _SIMPLE_ESCAPES.get(c)
+        if simple is not None:
+            out.append(simple)
+            i = j + 2
+        elif c == 0x78:  # x
+            if n - (j + 2) < 2:
+                raise _ParseError("No hex characters after hex escape")
+            hi, lo = field[j + 2], field[j + 3]
+            if hi not in _HEX or lo not in _HEX:
+                raise _ParseError("Invalid hex characters after hex escape")
+            out.append(int(field[j + 2 : j + 4], 16))
+            i = j + 4
+        else:
+            raise _ParseError(f"Unsupported escape type {chr(c)}")
+
+
+def _unescape_optional(field: bytes) -> bytes | None:
+    if field == b"-":
+        return None
+    return unescape(field)
+
+
+def _c_string(value: bytes) -> bytes:
+    """The reference keeps paths, names and targets as C strings: NUL ends them."""
+    nul = value.find(b"\0")
+    return value if nul < 0 else value[:nul]
+
+
+_ESCAPE_FIELD = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
+_ESCAPE_XATTR = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")
+_ESCAPED = {0x5C: b"\\\\", 0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t"}
+
+
+def _escape_match(m: re.Match[bytes]) -> bytes:
+    c = m.group()[0]
+    return _ESCAPED.get(c) or b"\\x%02x" % c
+
+
+def escape(value: bytes) -> bytes:
+    """Escape a PATH, PAYLOAD or CONTENT field (``=`` left as is)."""
+    return _ESCAPE_FIELD.sub(_escape_match, value)
+
+
+def escape_xattr(value: bytes) -> bytes:
+    """Escape an xattr name or value (``=`` also escaped)."""
+    return _ESCAPE_XATTR.sub(_escape_match, value)
+
+
+def _escape_optional(value: bytes | None) -> bytes:
+    if value is None:
+        return b"-"
+    if value == b"-":
+        return b"\\x2d"
+    return escape(value)
+
+
+# -- numbers --------------------------------------------------------------------------------
+
+
+def _parse_uint(field: bytes, base: int = 10) -> int:
+    """strtoull() semantics: whitespace, sign, wrap-around of negatives, saturation."""
+    if field.isdigit() and base == 10:
+        value = int(field)
+        return value if value <= U64 else U64
+    s = field.lstrip(_C_SPACE)
+    negative = False
+    if s[:1] in (b"+", b"-"):
+        negative = s[:1] == b"-"
+        s = s[1:]
+    digits = b"01234567" if base == 8 else b"0123456789"
+    if not s or any(c not in digits for c in s):
+        raise _ParseError(f"Invalid integer {field.decode('utf-8', 'backslashreplace')}")
+    value = int(s, base)
+    if value > U64:
+        return U64
+    return (-value) & U64 if negative else value
+
+
+def _to_signed64(value: int) -> int:
+    return value - (1 << 64) if value & (1 << 63) else value
+
+
+# -- parsing --------------------------------------------------------------------------------
+
+
+def _show(path: bytes) -> str:
+    return path.decode("utf-8", "backslashreplace")
+
+
+class _Parser:
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.root: Inode | None = None
+        # (parent, name, placeholder, target path or None) in line order
+        self.hardlinks: list[tuple[Inode, bytes, Inode, bytes | None]] = []
+
+    def insert(self, path: bytes, node: Inode) -> Inode:
+        """Place ``node`` at ``path``; returns the parent directory."""
+        if path == b"/":
+            if node.entries is None:
+                raise _ParseError("Root must be a directory")
+            if self.root is not None:
+                raise _ParseError("Can't have multiple roots")
+            self.root = node
+            node.parent = node
+            node.name = b""
+            return node
+        if self.root is None:
+            raise _ParseError("Root node not present")
+        parent: Inode | None = self.root
+        parts = path.split(b"/")
+        # Leading and repeated slashes are skipped; a trailing slash leaves an empty name.
+        while parts and not parts[0]:
+            parts.pop(0)
+        name = parts[-1] if parts else b""
+        for part in parts[:-1]:
+            if not part:
+                continue
+            assert parent is not None
+            entries = parent.entries
+            parent = entries.get(part) if entries is not None else None
+            if parent is None:
+                raise _ParseError(f"Parent directory missing for {_show(path)}")
+        assert parent is not None
+        if parent.mode & S_IFMT != S_IFDIR:
+            raise _ParseError(f"Parent must be a directory for {_show(path)}")
+        if name in (b".", b".."):
+            raise _ParseError(f"Invalid . or .. in path: {_show(path)}")
+        entries = parent.entries
+        assert entries is not None
+        if not name or len(name) > NAME_MAX:
+            raise _ParseError("Can't add child")
+        if name in entries:
+            raise _ParseError(f"Path {_show(path)} already exist")
+        entries[name] = node
+        node.parent = parent
+        node.name = name
+        return parent
+
+    def line(self, line: bytes) -> None:
+        nul = line.find(b"\0")
+        if nul >= 0:
+            raise _ParseError(f"Invalid embedded NUL character at position {nul}")
+        fields = line.split(b" ", FIXED_FIELDS)
+        if len(fields) < FIXED_FIELDS + 1:
+            fields += [b""] * (FIXED_FIELDS + 1 - len(fields))
+        path = _c_string(unescape(fields[0]))
+        if not path:
+            raise _ParseError("Invalid empty path")
+        mode_field = fields[2]
+        hardlink = mode_field[:1] == b"@"
+        if hardlink:
+            mode_field = mode_field[1:]
+        mode = _parse_uint(mode_field, 8) & U32
+        ftype = mode & S_IFMT
+        if ftype not in FILE_TYPES:
+            raise _ParseError(f"Invalid mode {mode:o}")
+        node = Inode.__new__(Inode)
+        node.mode = mode
+        node.entries = {} if ftype == S_IFDIR else None
+        parent = self.insert(path, node)
+
+        if hardlink:
+            if ftype == S_IFDIR:
+                raise _ParseError("Directories can't be hardlinked")
+            target = _unescape_optional(fields[8])
+            assert node.name is not None
+            self.hardlinks.append((parent, node.name, node, target))
+            return
+
+        size = _parse_uint(fields[1])
+        node.nlink = _parse_uint(fields[3]) & U32
+        node.uid = _parse_uint(fields[4]) & U32
+        node.gid = _parse_uint(fields[5]) & U32
+        rdev = _parse_uint(fields[6])
+        mtime = fields[7]
+        dot = mtime.find(b".")
+        if dot < 0:
+            sec_field, nsec_field = mtime, b""
+        else:
+            sec_field, nsec_field = mtime[:dot], mtime[dot + 1 :]
+        node.mtime_sec = _to_signed64(_parse_uint(sec_field))
+        node.mtime_nsec = _parse_uint(nsec_field) & U32
+
+        payload = _unescape_optional(fields[8])
+        content = _unescape_optional(fields[9])
+        if content is not None and len(content) != size:
+            raise _ParseError(f"Invalid content size {len(content)}, must match size {size}")
+        digest_field = _unescape_optional(fields[10])
+
+        node.size = size
+        if ftype in (S_IFCHR, S_IFBLK):
+            node.rdev = rdev
+        else:
+            node.rdev = 0
+            if self.strict and rdev != 0:
+                raise _ParseError("Non-zero devnum on non-device")
+        node.content = None
+        node.payload = None
+        if ftype == S_IFLNK:
+            target = _c_string(payload) if payload is not None else b""
+            if not target or len(target) > PAYLOAD_MAX:
+                raise _ParseError("Invalid symlink")
+            if self.strict:
+                if size != len(target):
+                    raise _ParseError(
+                        f"Invalid symlink size {len(target)}, must match size {size}"
+                    )
+                if content:
+                    raise _ParseError("Symlink cannot have content")
+            node.payload = target
+            node.size = len(target)
+        else:
+            if payload is not None:
+                payload = _c_string(payload)
+                if len(payload) > PAYLOAD_MAX:
+                    raise _ParseError("Invalid payload")
+                node.payload = payload
+            if content is not None:
+                if len(content) > INLINE_CONTENT_MAX:
+                    raise _ParseError(
+                        f"Inline content size {len(content)} exceeds maximum {INLINE_CONTENT_MAX}"
+                    )
+                node.size = len(content)
+                if content and ftype == S_IFREG:
+                    node.content = content
+        node.digest = None
+        if digest_field:
+            if len(digest_field) != 64 or any(c not in _HEX for c in digest_field):
+                raise _ParseError(f"Invalid digest {_show(digest_field)}")
+            node.digest = bytes.fromhex(digest_field.decode())
+
+        xattrs: dict[bytes, bytes] = {}
+        node.xattrs = xattrs
+        text = fields[11]
+        if len(text) > XATTR_TEXT_MAX:
+            raise _ParseError("Too many xattrs")
+        if text:
+            pieces = text.split(b" ")
+            if text.endswith(b" "):
+                pieces.pop()
+            budget = 0
+            for piece in pieces:
+                eq = piece.find(b"=")
+                if eq < 0:
+                    raise _ParseError("Missing = in xattr")
+                key = _c_string(unescape(piece[:eq]))
+                value = unescape(piece[eq + 1 :])
+                if not key or len(key) > XATTR_NAME_MAX or len(value) > XATTR_VALUE_MAX:
+                    raise _ParseError("Can't set xattr")
+                old = xattrs.pop(key, None)
+                if old is not None:
+                    budget -= 7 + len(key) + len(old)
+                cost = 7 + len(key) + len(value)
+                if not xattrs:
+                    budget = 0
+                    cost += XATTR_HEADER_OVERHEAD
+                if budget + cost > XATTR_BUDGET:
+                    raise _ParseError("Can't set xattr")
+                budget += cost
+                xattrs[key] = value
+
+    def resolve_hardlinks(self) -> None:
+        root = self.root
+        assert root is not None
+        link_to: dict[int, Inode] = {}
+        # The reference resolves them last line first; the order decides which error
+        # is reported when several links are bad.
+        for _parent, _name, placeholder, target_path in reversed(self.hardlinks):
+            if target_path is None:
+                raise _ParseError("No target path for the hardlink")
+            target = root.lookup(target_path)
+            if target is None:
+                raise _ParseError(f"No target at {_show(target_path)} for hardlink")
+            if target is placeholder:
+                raise _ParseError(f"Self-referential hardlink {_show(target_path)}")
+            link_to[id(placeholder)] = target
+        for parent, name, placeholder, _target in self.hardlinks:
+            target = placeholder
+            seen = 0
+            while id(target) in link_to:
+                target = link_to[id(target)]
+                seen += 1
+                if seen > len(link_to):
+                    raise TreeError(errno.ELOOP, "hardlink cycle", path=name)
+            assert parent.entries is not None
+            parent.entries[name] = target
+
+
+def _split_lines(data: bytes) -> tuple[list[bytes], bool]:
+    lines = data.split(b"\n")
+    terminated = lines[-1] == b""
+    if terminated:
+        lines.pop()
+    return lines, terminated
+
+
+def parse(
+    data: bytes, *, strict: bool | None = None, source: str | None = None
+) -> Tree:
+    """Parse a whole dump file into a :class:`Tree`.
+
+    ``strict=None`` follows the reference: strict iff ``CFS_PARSE_STRICT`` is set.
+    Errors raise :class:`DumpfileError` naming the line; a hardlink cycle raises
+    :class:`TreeError` (ELOOP), as the reference reports it when writing.
+    """
+    if strict is None:
+        strict = "CFS_PARSE_STRICT" in os.environ
+    parser = _Parser(strict)
+    lines, terminated = _split_lines(data)
+    count = len(lines)
+    if not terminated and strict:
+        count -= 1
+    lineno = 0
+    try:
+        for lineno in range(1, count + 1):
+            parser.line(lines[lineno - 1])
+        if not terminated and strict:
+            lineno = len(lines)
+            raise _ParseError("Missing trailing newline")
+        lineno = 0
+        if parser.root is None:
+            raise _ParseError("No files in dump file")
+        parser.resolve_hardlinks()
+    except _ParseError as e:
+        raise DumpfileError(str(e), line=lineno or None, source=source) from None
+    return Tree(parser.root)
+
+
+def load(path: str | os.PathLike[str], *, strict: bool | None = None) -> Tree:
+    """Parse a dump file from a path (``-`` is standard input)."""
+    if os.fspath(path) == "-":
+        import sys
+
+        return parse(sys.stdin.buffer.read(), strict=strict, source="<stdin>")
+    with open(path, "rb") as f:
+        return parse(f.read(), strict=strict, source=os.fspath(path))
+
+
+# -- emitting -------------------------------------------------------------------------------
+
+
+def _format_line(path: bytes, node: Inode, *, link_target: bytes | None = None) -> bytes:
+    ftype = node.mode & S_IFMT
+    if link_target is not None:
+        mode = b"@%o" % node.mode
+        payload = _escape_optional(link_target)
+    else:
+        mode = b"%o" % node.mode
+        payload = _escape_optional(node.payload)
+    content = _escape_optional(node.content if ftype == S_IFREG else None)
+    digest = node.digest.hex().encode() if node.digest is not None else b"-"
+    rdev = node.rdev if ftype in (S_IFCHR, S_IFBLK) else 0
+    parts = [
+        escape(path),
+        b"%d" % node.size,
+        mode,
+        b"%d" % node.nlink,
+        b"%d" % node.uid,
+        b"%d" % node.gid,
+        b"%d" % rdev,
+        b"%d.%d" % (node.mtime_sec, node.mtime_nsec),
+        payload,
+        content,
+        digest,
+    ]
+    for key, value in node.xattrs.items():
+        parts.append(escape_xattr(key) + b"=" + escape_xattr(value))
+    return b" ".join(parts) + b"\n"
+
+
+def iter_lines(tree: Tree) -> Iterator[bytes]:
+    """Dump lines of a tree, depth-first in name order.
+
+    The first name under which an inode is met is printed in full; every later name is a
+    hardlink line (``@`` MODE, PAYLOAD = the first path) repeating the inode's fields.
+    """
+    first_path: dict[int, bytes] = {}
+    for path, node in tree.walk():
+        seen = first_path.get(id(node))
+        if seen is not None and node is not tree.root:
+            yield _format_line(path, node, link_target=seen)
+        else:
+            first_path[id(node)] = path
+            yield _format_line(path, node)
+
+
+def dumps(tree: Tree) -> bytes:
+    """The whole dump of a tree as bytes."""
+    return b"".join(iter_lines(tree))
+
+
+def dump(tree: Tree, out: BinaryIO) -> None:
+    """Write the dump of a tree to a binary stream."""
+    out.writelines(iter_lines(tree))

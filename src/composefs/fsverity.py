@@ -1,0 +1,314 @@
+"""fs-verity file digests (SHA-256, 4096-byte Merkle blocks, no salt) and the verity ioctls.
+
+The digest is the one the kernel reports for a file with fs-verity enabled and that
+``fsverity digest`` prints: the Merkle tree over 4096-byte data blocks is reduced to a root
+hash, which goes into a 256-byte descriptor, whose SHA-256 is the file digest
+(``docs/fsverity.md`` of the project specs, after the kernel's fs-verity documentation).
+
+Speed: hashing is bound by SHA-256 itself.  Data blocks are hashed straight out of large
+buffers or a memory map through ``memoryview`` slices (no copies), and a large file can be
+split across processes: hashlib releases the GIL for each block, but the hand-over of the
+GIL between two threads costs more than a 4 KiB hash, so threads do not scale here.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import mmap
+import multiprocessing
+import os
+import struct
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import BinaryIO
+
+BLOCK_SIZE = 4096
+DIGEST_SIZE = 32
+HASH_ALG_SHA256 = 1
+LOG_BLOCK_SIZE = 12
+
+_sha256 = hashlib.sha256
+_ZERO_BLOCK = bytes(BLOCK_SIZE)
+# struct fsverity_descriptor: version, hash_algorithm, log_blocksize, salt_size,
+# sig_size (0), data_size, root_hash[64], salt[32], reserved[144].
+_DESCRIPTOR = struct.Struct("<BBBBIQ64s32s144x")
+assert _DESCRIPTOR.size == 256
+
+# Where hashing is split between processes: below this, forking costs more than it saves.
+PARALLEL_MIN_SIZE = 64 << 20
+_READ_CHUNK = 8 << 20
+
+
+def _hash_blocks(data: memoryview) -> bytes:
+    """Concatenated SHA-256 of each 4096-byte block of ``data`` (len a multiple of 4096)."""
+    sha = _sha256
+    return b"".join([sha(data[i : i + BLOCK_SIZE]).digest() for i in range(0, len(data), BLOCK_SIZE)])
+
+
+class FsVerityHasher:
+    """Incremental fs-verity digest, fed with :meth:`update` like a hashlib object.
+
+    ``empty_quirk`` reproduces libcomposefs' userspace digest of an empty file (the root
+    hash of one zero block instead of the kernel's all-zero root hash); only
+    ``composefs-info measure-file`` compatibility wants it.
+    """
+
+    __slots__ = ("_empty_quirk", "_levels", "_pending", "_size")
+
+    def __init__(self, data: bytes | bytearray | memoryview = b"", *, empty_quirk: bool = False):
+        self._pending = bytearray()
+        # _levels[0] holds the hashes of data blocks, _levels[1] the hashes of blocks of
+        # _levels[0], and so on.  A level keeps at most one block until more arrives, so
+        # that the top block of the tree is only hashed once it is known to be the top.
+        self._levels: list[bytearray] = []
+        self._size = 0
+        self._empty_quirk = empty_quirk
+        if data:
+            self.update(data)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def update(self, data: bytes | bytearray | memoryview | mmap.mmap) -> None:
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if not n:
+            return
+        self._size += n
+        pending = self._pending
+        if pending:
+            take = min(BLOCK_SIZE - len(pending), n)
+            pending += mv[:take]
+            mv = mv[take:]
+            if len(pending) < BLOCK_SIZE:
+                return
+            self._push(0, _sha256(pending).digest())
+            pending.clear()
+        full = len(mv) - len(mv) % BLOCK_SIZE
+        if full:
+            self._push(0, _hash_blocks(mv[:full]))
+        if full < len(mv):
+            pending += mv[full:]
+
+    def update_block_hashes(self, hashes: bytes, nbytes: int) -> None:
+        """Add the hashes of ``nbytes`` of data whose full blocks were hashed elsewhere.
+
+        ``nbytes`` must be a multiple of the block size, and no partial block may be
+        pending: this is how parallel workers' results are merged in order.
+        """
+        if self._pending or nbytes % BLOCK_SIZE:
+            raise ValueError("block hashes must start and end on a block boundary")
+        if len(hashes) != nbytes // BLOCK_SIZE * DIGEST_SIZE:
+            raise ValueError("block hash count does not match the data size")
+        self._size += nbytes
+        if hashes:
+            self._push(0, hashes)
+
+    def _push(self, level: int, hashes: bytes) -> None:
+        _push_into(self._levels, level, hashes)
+
+    def root_hash(self) -> bytes:
+        if self._size == 0:
+            return _sha256(_ZERO_BLOCK).digest() if self._empty_quirk else bytes(DIGEST_SIZE)
+        levels = [bytearray(b) for b in self._levels]
+        if self._pending:
+            tail = _sha256(bytes(self._pending) + bytes(BLOCK_SIZE - len(self._pending))).digest()
+            _push_into(levels, 0, tail)
+        level = 0
+        while True:
+            buf = levels[level]
+            if level == len(levels) - 1:
+                if level == 0 and len(buf) == DIGEST_SIZE:
+                    return bytes(buf)  # a single data block: its hash is the root
+                return _sha256(bytes(buf) + bytes(BLOCK_SIZE - len(buf))).digest()
+            _push_into(levels, level + 1, _sha256(bytes(buf) + bytes(BLOCK_SIZE - len(buf))).digest())
+            level += 1
+
+    def digest(self) -> bytes:
+        descriptor = _DESCRIPTOR.pack(
+            1, HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, self._size, self.root_hash(), b""
+        )
+        return _sha256(descriptor).digest()
+
+    def hexdigest(self) -> str:
+        return self.digest().hex()
+
+
+def _push_into(levels: list[bytearray], level: int, hashes: bytes) -> None:
+    """Append hashes to a tree level; hash every full block but the last into the next."""
+    while True:
+        if level == len(levels):
+            levels.append(bytearray())
+        buf = levels[level]
+        buf += hashes
+        if len(buf) <= BLOCK_SIZE:
+            return
+        # The last block may still turn out to be the top of the tree: keep it.
+        flush = (len(buf) - 1) // BLOCK_SIZE * BLOCK_SIZE
+        hashes = _hash_blocks(memoryview(buf)[:flush])
+        del buf[:flush]
+        level += 1
+
+
+def digest(data: bytes | bytearray | memoryview) -> bytes:
+    """fs-verity digest of a byte string."""
+    return FsVerityHasher(data).digest()
+
+
+def digest_stream(stream: BinaryIO, *, chunk_size: int = _READ_CHUNK) -> bytes:
+    """fs-verity digest of everything readable from a binary stream."""
+    hasher = FsVerityHasher()
+    buf = bytearray(chunk_size)
+    view = memoryview(buf)
+    readinto: Callable[[memoryview], int | None] | None = getattr(stream, "readinto", None)
+    while True:
+        if readinto is not None:
+            n = readinto(view)
+            if not n:
+                break
+            hasher.update(view[:n])
+        else:
+            chunk = stream.read(chunk_size)
+            if not chunk:
+                break
+            hasher.update(chunk)
+    return hasher.digest()
+
+
+def _hash_file_range(fd: int, start: int, end: int) -> bytes:
+    """Hashes of the full blocks of ``fd`` in [start, end), read through a memory map."""
+    with mmap.mmap(fd, end - start, mmap.MAP_SHARED, mmap.PROT_READ, offset=start) as mm:
+        mm.madvise(mmap.MADV_SEQUENTIAL)
+        view = memoryview(mm)
+        try:
+            return _hash_blocks(view)
+        finally:
+            view.release()
+
+
+def _fork_context() -> multiprocessing.context.BaseContext:
+    # fork is cheapest, but forking a process that runs other threads is unsafe.
+    if threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("forkserver")
+
+
+def digest_fd(fd: int, *, workers: int = 1, empty_quirk: bool = False) -> bytes:
+    """fs-verity digest of the whole content of an open regular file.
+
+    With ``workers > 1`` a large file's data blocks are hashed by that many processes.
+    """
+    size = os.fstat(fd).st_size
+    hasher = FsVerityHasher(empty_quirk=empty_quirk)
+    full = size - size % BLOCK_SIZE
+    if workers > 1 and full >= PARALLEL_MIN_SIZE:
+        step = -(-full // workers // BLOCK_SIZE) * BLOCK_SIZE
+        bounds = [(s, min(s + step, full)) for s in range(0, full, step)]
+        with ProcessPoolExecutor(len(bounds), mp_context=_fork_context()) as pool:
+            futures = [pool.submit(_hash_file_range_path, _fd_path(fd), s, e) for s, e in bounds]
+            for (s, e), fut in zip(bounds, futures, strict=True):
+                hasher.update_block_hashes(fut.result(), e - s)
+        tail = os.pread(fd, size - full, full) if size > full else b""
+        hasher.update(tail)
+    elif size >= _READ_CHUNK:
+        if full:
+            hasher.update_block_hashes(_hash_file_range(fd, 0, full), full)
+        if size > full:
+            hasher.update(os.pread(fd, size - full, full))
+    else:
+        pos = 0
+        while True:
+            chunk = os.pread(fd, _READ_CHUNK, pos)
+            if not chunk:
+                break
+            hasher.update(chunk)
+            pos += len(chunk)
+    if hasher.size != size:
+        raise OSError(errno.EIO, "file changed size while it was hashed")
+    return hasher.digest()
+
+
+def _fd_path(fd: int) -> str:
+    return f"/proc/{os.getpid()}/fd/{fd}"
+
+
+def _hash_file_range_path(path: str, start: int, end: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _hash_file_range(fd, start, end)
+    finally:
+        os.close(fd)
+
+
+def digest_file(path: str | os.PathLike[str], *, workers: int = 1) -> bytes:
+    """fs-verity digest of a file's content (computed in userspace)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return digest_fd(fd, workers=workers)
+    finally:
+        os.close(fd)
+
+
+# -- kernel interface (linux/fsverity.h) ----------------------------------------------------
+
+# _IOWR('f', 134, struct fsverity_digest) and _IOW('f', 133, struct fsverity_enable_arg)
+FS_IOC_MEASURE_VERITY = 0xC0046686
+FS_IOC_ENABLE_VERITY = 0x40806685
+_MEASURE_HEADER = struct.Struct("<HH")
+# struct fsverity_enable_arg: version, hash_algorithm, block_size, salt_size, salt_ptr,
+# sig_size, __reserved1, sig_ptr, __reserved2[11]
+_ENABLE_ARG = struct.Struct("<IIIIQIIQ88x")
+assert _ENABLE_ARG.size == 128
+
+# errno values that mean "this file has no fs-verity / the filesystem cannot do it"
+NO_VERITY_ERRNOS = frozenset({errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTTY})
+
+
+def measure_verity(fd: int) -> bytes | None:
+    """The kernel's fs-verity digest of an open file, or None if verity is not enabled."""
+    buf = bytearray(_MEASURE_HEADER.pack(0, 64) + bytes(64))
+    try:
+        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
+    except OSError as e:
+        if e.errno in NO_VERITY_ERRNOS:
+            return None
+        raise
+    alg, size = _MEASURE_HEADER.unpack_from(buf)
+    if alg != HASH_ALG_SHA256 or size != DIGEST_SIZE:
+        raise OSError(errno.EILSEQ, "file has fs-verity with an unexpected digest algorithm")
+    return bytes(buf[4 : 4 + DIGEST_SIZE])
+
+
+def enable_verity(fd: int) -> bool:
+    """Enable fs-verity (SHA-256, 4096, no salt) on a file opened read-only.
+
+    Returns False when the filesystem or kernel does not support it; other failures raise.
+    A file that already has verity counts as success.
+    """
+    arg = bytearray(_ENABLE_ARG.pack(1, HASH_ALG_SHA256, BLOCK_SIZE, 0, 0, 0, 0, 0))
+    try:
+        fcntl.ioctl(fd, FS_IOC_ENABLE_VERITY, arg, True)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            return True
+        if e.errno in NO_VERITY_ERRNOS:
+            return False
+        raise
+    return True
+
+
+def measure_file(path: str | os.PathLike[str]) -> bytes:
+    """What ``composefs-info measure-file`` prints: the kernel's digest if the file has
+    fs-verity, otherwise the userspace digest (with libcomposefs' empty-file quirk)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        kernel = measure_verity(fd)
+        if kernel is not None:
+            return kernel
+        return digest_fd(fd, empty_quirk=True)
+    finally:
+        os.close(fd)
