@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from composefs.errors import DumpfileError, TreeError
@@ -52,6 +52,8 @@ _C_SPACE = b" \t\n\v\f\r"
 
 class _ParseError(Exception):
     """Internal: a message without position, turned into DumpfileError by the caller."""
+
+    line: int | None = None
 
 
 # -- escaping -------------------------------------------------------------------------------
@@ -158,6 +160,51 @@ def _to_signed64(value: int) -> int:
 # -- parsing --------------------------------------------------------------------------------
 
 
+def _is_hex(value: bytes) -> bool:
+    return all(c in _HEX for c in value)
+
+
+def _parse_xattrs(text: bytes) -> dict[bytes, bytes]:
+    """The KEY=VALUE pieces after the fixed fields, with the reference's limits."""
+    if len(text) > XATTR_TEXT_MAX:
+        raise _ParseError("Too many xattrs")
+    xattrs: dict[bytes, bytes] = {}
+    pieces = text.split(b" ")
+    if text.endswith(b" "):
+        pieces.pop()  # one trailing space ends the line harmlessly
+    budget = 0
+    for piece in pieces:
+        eq = piece.find(b"=")
+        if eq < 0:
+            raise _ParseError("Missing = in xattr")
+        key = _c_string(unescape(piece[:eq]))
+        value = unescape(piece[eq + 1 :])
+        if not key or len(key) > XATTR_NAME_MAX or len(value) > XATTR_VALUE_MAX:
+            raise _ParseError("Can't set xattr")
+        old = xattrs.pop(key, None)
+        if old is not None:
+            budget -= 7 + len(key) + len(old)
+        cost = 7 + len(key) + len(value)
+        if not xattrs:
+            budget = 0
+            cost += XATTR_HEADER_OVERHEAD
+        if budget + cost > XATTR_BUDGET:
+            raise _ParseError("Can't set xattr")
+        budget += cost
+        xattrs[key] = value
+    return xattrs
+
+
+# A line in canonical form: absolute path, plain decimal/octal numbers of bounded length
+# (so that no saturation or wrap-around applies), exactly 11 fixed fields.  Anything else
+# takes the careful path, which also produces the precise error messages.
+_FAST_LINE = re.compile(
+    rb"(/[^ ]*) ([0-9]{1,19}) (@?)([0-7]{1,11}) ([0-9]{1,10}) ([0-9]{1,10}) ([0-9]{1,10}) "
+    rb"([0-9]{1,19}) (-?[0-9]{1,18})\.([0-9]{1,10}) ([^ ]*) ([^ ]*) ([^ ]*)(?: (.*))?",
+    re.DOTALL,
+)
+
+
 def _show(path: bytes) -> str:
     return path.decode("utf-8", "backslashreplace")
 
@@ -166,6 +213,8 @@ class _Parser:
     def __init__(self, strict: bool) -> None:
         self.strict = strict
         self.root: Inode | None = None
+        # canonical path (no trailing slash) -> directory, for the fast insert path
+        self.dirs: dict[bytes, Inode] = {}
         # (parent, name, placeholder, target path or None) in line order
         self.hardlinks: list[tuple[Inode, bytes, Inode, bytes | None]] = []
 
@@ -179,6 +228,7 @@ class _Parser:
             self.root = node
             node.parent = node
             node.name = b""
+            self.dirs[b""] = node
             return node
         if self.root is None:
             raise _ParseError("Root node not present")
@@ -210,9 +260,151 @@ class _Parser:
         entries[name] = node
         node.parent = parent
         node.name = name
+        if node.entries is not None:
+            self.dirs[b"/" + b"/".join(p for p in parts if p)] = node
         return parent
 
-    def line(self, line: bytes) -> None:
+    def lines(self, lines: list[bytes], count: int) -> int:
+        """Parse ``lines[:count]``; returns how many were parsed (all, unless one raised).
+
+        Lines in the common canonical form take an inlined path; everything else goes
+        through :meth:`line_slow` and :meth:`finish`, which implement every rule.
+        """
+        match = _FAST_LINE.fullmatch
+        dirs = self.dirs
+        new = Inode.__new__
+        done = 0
+        try:
+            for line in lines[:count]:
+                done += 1
+                self._line_fast(line, match, dirs, new)
+        except _ParseError as e:
+            e.line = done
+            raise
+        return done
+
+    def _line_fast(
+        self,
+        line: bytes,
+        match: Callable[[bytes], re.Match[bytes] | None],
+        dirs: dict[bytes, Inode],
+        new: Callable[[type[Inode]], Inode],
+    ) -> None:
+        m = match(line)
+        if m is None or m.group(3):
+            self.line_slow(line)
+            return
+        (
+            path,
+            size_s,
+            _at,
+            mode_s,
+            nlink,
+            uid,
+            gid,
+            rdev_s,
+            sec,
+            nsec,
+            payload,
+            content,
+            digest,
+            xattrs,
+        ) = m.groups()
+        mode = int(mode_s, 8) & U32
+        ftype = mode & S_IFMT
+        if ftype not in FILE_TYPES:
+            raise _ParseError(f"Invalid mode {mode:o}")
+        node = new(Inode)
+        node.mode = mode
+        node.entries = {} if ftype == S_IFDIR else None
+        # fast insert: canonical path whose parent directory was seen
+        parent_path, _, name = path.rpartition(b"/")
+        parent = dirs.get(parent_path)
+        if (
+            parent is None
+            or b"\\" in path
+            or not name
+            or name in parent.entries  # type: ignore[operator]
+            or name == b"."
+            or name == b".."
+            or len(name) > NAME_MAX
+        ):
+            self.insert(_c_string(unescape(path)), node)
+        else:
+            parent.entries[name] = node  # type: ignore[index]
+            node.parent = parent
+            node.name = name
+            if ftype == S_IFDIR:
+                dirs[path] = node
+        size = int(size_s)
+        rdev = int(rdev_s)
+        if (
+            content == b"-"
+            and xattrs is None
+            and b"\\" not in payload
+            and rdev == 0
+            and ftype in (S_IFREG, S_IFDIR)
+            and (digest == b"-" or len(digest) == 64)
+        ):
+            node.size = size
+            node.nlink = int(nlink) & U32
+            node.uid = int(uid) & U32
+            node.gid = int(gid) & U32
+            node.rdev = 0
+            node.mtime_sec = int(sec)
+            node.mtime_nsec = int(nsec) & U32
+            node.content = None
+            node.xattrs = {}
+            if payload == b"-":
+                node.payload = None
+            elif len(payload) > PAYLOAD_MAX or b"\0" in payload:
+                self.line_slow_finish(node, ftype, m)
+                return
+            else:
+                node.payload = payload
+            if digest == b"-":
+                node.digest = None
+            elif _is_hex(digest):
+                node.digest = bytes.fromhex(digest.decode())
+            else:
+                raise _ParseError(f"Invalid digest {_show(digest)}")
+            return
+        self.line_slow_finish(node, ftype, m)
+
+    def line_slow_finish(self, node: Inode, ftype: int, m: re.Match[bytes]) -> None:
+        (
+            _path,
+            size,
+            _at,
+            _mode,
+            nlink,
+            uid,
+            gid,
+            rdev,
+            sec,
+            nsec,
+            payload,
+            content,
+            digest,
+            xattrs,
+        ) = m.groups()
+        self.finish(
+            node,
+            ftype,
+            int(size),
+            int(nlink) & U32,
+            int(uid) & U32,
+            int(gid) & U32,
+            int(rdev),
+            int(sec),
+            int(nsec) & U32,
+            payload,
+            content,
+            digest,
+            xattrs or b"",
+        )
+
+    def line_slow(self, line: bytes) -> None:
         nul = line.find(b"\0")
         if nul >= 0:
             raise _ParseError(f"Invalid embedded NUL character at position {nul}")
@@ -244,9 +436,9 @@ class _Parser:
             return
 
         size = _parse_uint(fields[1])
-        node.nlink = _parse_uint(fields[3]) & U32
-        node.uid = _parse_uint(fields[4]) & U32
-        node.gid = _parse_uint(fields[5]) & U32
+        nlink = _parse_uint(fields[3]) & U32
+        uid = _parse_uint(fields[4]) & U32
+        gid = _parse_uint(fields[5]) & U32
         rdev = _parse_uint(fields[6])
         mtime = fields[7]
         dot = mtime.find(b".")
@@ -254,21 +446,58 @@ class _Parser:
             sec_field, nsec_field = mtime, b""
         else:
             sec_field, nsec_field = mtime[:dot], mtime[dot + 1 :]
-        node.mtime_sec = _to_signed64(_parse_uint(sec_field))
-        node.mtime_nsec = _parse_uint(nsec_field) & U32
+        sec = _to_signed64(_parse_uint(sec_field))
+        nsec = _parse_uint(nsec_field) & U32
+        self.finish(
+            node,
+            ftype,
+            size,
+            nlink,
+            uid,
+            gid,
+            rdev,
+            sec,
+            nsec,
+            fields[8],
+            fields[9],
+            fields[10],
+            fields[11],
+        )
 
-        payload = _unescape_optional(fields[8])
-        content = _unescape_optional(fields[9])
+    def finish(
+        self,
+        node: Inode,
+        ftype: int,
+        size: int,
+        nlink: int,
+        uid: int,
+        gid: int,
+        rdev: int,
+        sec: int,
+        nsec: int,
+        payload_field: bytes,
+        content_field: bytes,
+        digest_field: bytes,
+        xattr_text: bytes,
+    ) -> None:
+        """The part of a line's parsing after the numbers: payload, content, xattrs."""
+        node.nlink = nlink
+        node.uid = uid
+        node.gid = gid
+        node.mtime_sec = sec
+        node.mtime_nsec = nsec
+        payload = None if payload_field == b"-" else unescape(payload_field)
+        content = None if content_field == b"-" else unescape(content_field)
         if content is not None and len(content) != size:
             raise _ParseError(f"Invalid content size {len(content)}, must match size {size}")
-        digest_field = _unescape_optional(fields[10])
+        digest = None if digest_field == b"-" else unescape(digest_field)
 
         node.size = size
         if ftype in (S_IFCHR, S_IFBLK):
             node.rdev = rdev
         else:
             node.rdev = 0
-            if self.strict and rdev != 0:
+            if rdev != 0 and self.strict:
                 raise _ParseError("Non-zero devnum on non-device")
         node.content = None
         node.payload = None
@@ -278,16 +507,15 @@ class _Parser:
                 raise _ParseError("Invalid symlink")
             if self.strict:
                 if size != len(target):
-                    raise _ParseError(
-                        f"Invalid symlink size {len(target)}, must match size {size}"
-                    )
+                    raise _ParseError(f"Invalid symlink size {len(target)}, must match size {size}")
                 if content:
                     raise _ParseError("Symlink cannot have content")
             node.payload = target
             node.size = len(target)
         else:
             if payload is not None:
-                payload = _c_string(payload)
+                if b"\0" in payload:
+                    payload = _c_string(payload)
                 if len(payload) > PAYLOAD_MAX:
                     raise _ParseError("Invalid payload")
                 node.payload = payload
@@ -300,40 +528,15 @@ class _Parser:
                 if content and ftype == S_IFREG:
                     node.content = content
         node.digest = None
-        if digest_field:
-            if len(digest_field) != 64 or any(c not in _HEX for c in digest_field):
-                raise _ParseError(f"Invalid digest {_show(digest_field)}")
-            node.digest = bytes.fromhex(digest_field.decode())
+        if digest:
+            if len(digest) != 64 or not _is_hex(digest):
+                raise _ParseError(f"Invalid digest {_show(digest)}")
+            node.digest = bytes.fromhex(digest.decode())
 
-        xattrs: dict[bytes, bytes] = {}
-        node.xattrs = xattrs
-        text = fields[11]
-        if len(text) > XATTR_TEXT_MAX:
-            raise _ParseError("Too many xattrs")
-        if text:
-            pieces = text.split(b" ")
-            if text.endswith(b" "):
-                pieces.pop()
-            budget = 0
-            for piece in pieces:
-                eq = piece.find(b"=")
-                if eq < 0:
-                    raise _ParseError("Missing = in xattr")
-                key = _c_string(unescape(piece[:eq]))
-                value = unescape(piece[eq + 1 :])
-                if not key or len(key) > XATTR_NAME_MAX or len(value) > XATTR_VALUE_MAX:
-                    raise _ParseError("Can't set xattr")
-                old = xattrs.pop(key, None)
-                if old is not None:
-                    budget -= 7 + len(key) + len(old)
-                cost = 7 + len(key) + len(value)
-                if not xattrs:
-                    budget = 0
-                    cost += XATTR_HEADER_OVERHEAD
-                if budget + cost > XATTR_BUDGET:
-                    raise _ParseError("Can't set xattr")
-                budget += cost
-                xattrs[key] = value
+        if not xattr_text:
+            node.xattrs = {}
+            return
+        node.xattrs = _parse_xattrs(xattr_text)
 
     def resolve_hardlinks(self) -> None:
         root = self.root
@@ -370,9 +573,7 @@ def _split_lines(data: bytes) -> tuple[list[bytes], bool]:
     return lines, terminated
 
 
-def parse(
-    data: bytes, *, strict: bool | None = None, source: str | None = None
-) -> Tree:
+def parse(data: bytes, *, strict: bool | None = None, source: str | None = None) -> Tree:
     """Parse a whole dump file into a :class:`Tree`.
 
     ``strict=None`` follows the reference: strict iff ``CFS_PARSE_STRICT`` is set.
@@ -387,9 +588,18 @@ def parse(
     if not terminated and strict:
         count -= 1
     lineno = 0
+    # The fast path cannot see embedded NULs; input that has any takes the careful one.
+    fast = b"\0" not in data
     try:
-        for lineno in range(1, count + 1):
-            parser.line(lines[lineno - 1])
+        if fast:
+            try:
+                parser.lines(lines, count)
+            except _ParseError as e:
+                lineno = e.line or 0
+                raise
+        else:
+            for lineno in range(1, count + 1):
+                parser.line_slow(lines[lineno - 1])
         if not terminated and strict:
             lineno = len(lines)
             raise _ParseError("Missing trailing newline")

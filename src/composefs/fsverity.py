@@ -17,13 +17,14 @@ import errno
 import fcntl
 import hashlib
 import mmap
-import multiprocessing
 import os
 import struct
 import threading
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    import multiprocessing.context
 
 BLOCK_SIZE = 4096
 DIGEST_SIZE = 32
@@ -45,7 +46,9 @@ _READ_CHUNK = 8 << 20
 def _hash_blocks(data: memoryview) -> bytes:
     """Concatenated SHA-256 of each 4096-byte block of ``data`` (len a multiple of 4096)."""
     sha = _sha256
-    return b"".join([sha(data[i : i + BLOCK_SIZE]).digest() for i in range(0, len(data), BLOCK_SIZE)])
+    return b"".join(
+        [sha(data[i : i + BLOCK_SIZE]).digest() for i in range(0, len(data), BLOCK_SIZE)]
+    )
 
 
 class FsVerityHasher:
@@ -125,7 +128,9 @@ class FsVerityHasher:
                 if level == 0 and len(buf) == DIGEST_SIZE:
                     return bytes(buf)  # a single data block: its hash is the root
                 return _sha256(bytes(buf) + bytes(BLOCK_SIZE - len(buf))).digest()
-            _push_into(levels, level + 1, _sha256(bytes(buf) + bytes(BLOCK_SIZE - len(buf))).digest())
+            _push_into(
+                levels, level + 1, _sha256(bytes(buf) + bytes(BLOCK_SIZE - len(buf))).digest()
+            )
             level += 1
 
     def digest(self) -> bytes:
@@ -191,6 +196,8 @@ def _hash_file_range(fd: int, start: int, end: int) -> bytes:
 
 
 def _fork_context() -> multiprocessing.context.BaseContext:
+    import multiprocessing
+
     # fork is cheapest, but forking a process that runs other threads is unsafe.
     if threading.active_count() == 1:
         return multiprocessing.get_context("fork")
@@ -208,6 +215,8 @@ def digest_fd(fd: int, *, workers: int = 1, empty_quirk: bool = False) -> bytes:
     if workers > 1 and full >= PARALLEL_MIN_SIZE:
         step = -(-full // workers // BLOCK_SIZE) * BLOCK_SIZE
         bounds = [(s, min(s + step, full)) for s in range(0, full, step)]
+        from concurrent.futures import ProcessPoolExecutor
+
         with ProcessPoolExecutor(len(bounds), mp_context=_fork_context()) as pool:
             futures = [pool.submit(_hash_file_range_path, _fd_path(fd), s, e) for s, e in bounds]
             for (s, e), fut in zip(bounds, futures, strict=True):
