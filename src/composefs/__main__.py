@@ -1,0 +1,5 @@
+"""``python -m composefs`` runs mkcomposefs."""
+
+from composefs.cli.mkcomposefs import entry
+
+entry()
