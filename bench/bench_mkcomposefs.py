@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Benchmark: mkcomposefs --from-file on the 64k-entry cs9 developer dump.
+
+Runs our mkcomposefs and, when found (on PATH or --reference), the reference C tool,
+alternating runs so both see the same machine state.  Prints the best wall time, the peak
+memory (max RSS of the child) and the ratio ours/reference.  Both images must be identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DUMP = REPO.parent / "shared/testdata/upstream/cs9-x86_64-developer.dump.gz"
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """Wall time and peak RSS (KiB) of one run.
+
+    ru_maxrss of RUSAGE_CHILDREN is a high-water mark over all children, so each run goes
+    through a fresh wrapper process that reports its only child's peak.
+    """
+    code = (
+        "import resource,subprocess,sys,time;t=time.perf_counter();"
+        "subprocess.run(sys.argv[1:],check=True,stdout=subprocess.DEVNULL);"
+        "w=time.perf_counter()-t;"
+        "print(w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *cmd], check=True, capture_output=True)
+    wall, rss = out.stdout.split()
+    return float(wall), int(rss)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dump", type=Path, default=DEFAULT_DUMP)
+    ap.add_argument("--reference", help="path of the reference mkcomposefs")
+    ap.add_argument("--ours", default=shutil.which("mkcomposefs", path=str(REPO / ".venv/bin")))
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    reference = args.reference or shutil.which("mkcomposefs")
+    if reference and Path(reference).resolve() == Path(args.ours).resolve():
+        reference = None
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = Path(tmp) / "input.dump"
+        data = args.dump.read_bytes()
+        dump.write_bytes(gzip.decompress(data) if args.dump.suffix == ".gz" else data)
+        tools = {"composefs-py": args.ours}
+        if reference:
+            tools["reference"] = reference
+        best: dict[str, tuple[float, int]] = {}
+        digests = {}
+        for _ in range(args.runs):
+            for name, exe in tools.items():
+                out = Path(tmp) / f"{name}.img"
+                wall, rss = measure([exe, "--from-file", str(dump), str(out)])
+                prev = best.get(name)
+                best[name] = (
+                    min(wall, prev[0]) if prev else wall,
+                    max(rss, prev[1] if prev else 0),
+                )
+                digests[name] = hashlib.sha256(out.read_bytes()).hexdigest()
+    print(f"input: {args.dump.name}, best of {args.runs} runs")
+    for name, (wall, rss) in best.items():
+        print(f"  {name:13s} {wall:7.3f} s   peak RSS {rss / 1024:7.1f} MiB")
+    if "reference" in best:
+        ratio = best["composefs-py"][0] / best["reference"][0]
+        print(f"  ratio composefs-py/reference: {ratio:.2f}x")
+        if len(set(digests.values())) != 1:
+            print("  IMAGES DIFFER:", digests)
+            return 1
+        print("  images identical")
+    else:
+        print("  (reference mkcomposefs not found; pass --reference PATH)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Prepare a fresh machine for composefs-py: the system tools the tests use, and a venv
+# with the package installed in editable mode.  Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# tool -> Debian package; installed when missing and we are root (CI and dev machines are)
+declare -A PACKAGES=(
+  [fsck.erofs]=erofs-utils
+  [fsverity]=fsverity
+  [getfattr]=attr
+)
+missing=()
+for tool in "${!PACKAGES[@]}"; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("${PACKAGES[$tool]}")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "bootstrap: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "bootstrap: missing ${missing[*]} (not root: tests needing them will skip)" >&2
+  fi
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
+  | grep -v "^WARNING: Location" >&2 || true
+.venv/bin/python -c "import composefs" # fail loudly if the install did not work

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install composefs-py and run it on the built-in example: build an image from
+# examples/demo.dump and show what it is.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+exec .venv/bin/python examples/demo.py "$@"
