@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from composefs.errors import DumpfileError, TreeError
@@ -256,7 +256,8 @@ class _Parser:
         if not name or len(name) > NAME_MAX:
             raise _ParseError("Can't add child")
         if name in entries:
-            raise _ParseError(f"Path {_show(path)} already exist")
+            # The reference's "already exist" branch is unreachable: it says this.
+            raise _ParseError("Can't add child")
         entries[name] = node
         node.parent = parent
         node.name = name
@@ -271,131 +272,67 @@ class _Parser:
         through :meth:`line_slow` and :meth:`finish`, which implement every rule.
         """
         match = _FAST_LINE.fullmatch
-        dirs = self.dirs
-        new = Inode.__new__
         done = 0
         try:
             for line in lines[:count]:
                 done += 1
-                self._line_fast(line, match, dirs, new)
+                m = match(line)
+                if m is None or m.group(3) or b"\\" in m.group(1):
+                    self.line_slow(line)
+                else:
+                    self._line_fast(m)
         except _ParseError as e:
             e.line = done
             raise
         return done
 
-    def _line_fast(
-        self,
-        line: bytes,
-        match: Callable[[bytes], re.Match[bytes] | None],
-        dirs: dict[bytes, Inode],
-        new: Callable[[type[Inode]], Inode],
-    ) -> None:
-        m = match(line)
-        if m is None or m.group(3):
-            self.line_slow(line)
-            return
-        (
-            path,
-            size_s,
-            _at,
-            mode_s,
-            nlink,
-            uid,
-            gid,
-            rdev_s,
-            sec,
-            nsec,
-            payload,
-            content,
-            digest,
-            xattrs,
-        ) = m.groups()
+    def _line_fast(self, m: re.Match[bytes]) -> None:
+        """A line that matched ``_FAST_LINE``: its numbers are known to be well-formed."""
+        (path, size_s, _at, mode_s, nlink, uid, gid, rdev_s, sec, nsec, payload, content,
+         digest, xattrs) = m.groups()  # fmt: skip
         mode = int(mode_s, 8) & U32
         ftype = mode & S_IFMT
         if ftype not in FILE_TYPES:
             raise _ParseError(f"Invalid mode {mode:o}")
-        node = new(Inode)
-        node.mode = mode
-        node.entries = {} if ftype == S_IFDIR else None
-        # fast insert: canonical path whose parent directory was seen
-        parent_path, _, name = path.rpartition(b"/")
-        parent = dirs.get(parent_path)
-        if (
-            parent is None
-            or b"\\" in path
-            or not name
-            or name in parent.entries  # type: ignore[operator]
-            or name == b"."
-            or name == b".."
-            or len(name) > NAME_MAX
-        ):
-            self.insert(_c_string(unescape(path)), node)
-        else:
-            parent.entries[name] = node  # type: ignore[index]
-            node.parent = parent
-            node.name = name
-            if ftype == S_IFDIR:
-                dirs[path] = node
-        size = int(size_s)
-        rdev = int(rdev_s)
         if (
             content == b"-"
             and xattrs is None
-            and b"\\" not in payload
-            and rdev == 0
+            and rdev_s == b"0"
             and ftype in (S_IFREG, S_IFDIR)
+            and b"\\" not in payload
+            and b"\0" not in payload
+            and len(payload) <= PAYLOAD_MAX
             and (digest == b"-" or len(digest) == 64)
         ):
-            node.size = size
-            node.nlink = int(nlink) & U32
-            node.uid = int(uid) & U32
-            node.gid = int(gid) & U32
-            node.rdev = 0
-            node.mtime_sec = int(sec)
-            node.mtime_nsec = int(nsec) & U32
-            node.content = None
-            node.xattrs = {}
-            if payload == b"-":
-                node.payload = None
-            elif len(payload) > PAYLOAD_MAX or b"\0" in payload:
-                self.line_slow_finish(node, ftype, m)
-                return
-            else:
-                node.payload = payload
-            if digest == b"-":
-                node.digest = None
-            elif _is_hex(digest):
+            # The common case, built in one go: a plain file or directory.
+            node = Inode(
+                mode,
+                int(nlink) & U32,
+                int(uid) & U32,
+                int(gid) & U32,
+                0,
+                int(size_s),
+                int(sec),
+                int(nsec) & U32,
+                {},
+                None if payload == b"-" else payload,
+            )
+            self._insert_fast(path, node, ftype)
+            if digest != b"-":
+                if not _is_hex(digest):
+                    raise _ParseError(f"Invalid digest {_show(digest)}")
                 node.digest = bytes.fromhex(digest.decode())
-            else:
-                raise _ParseError(f"Invalid digest {_show(digest)}")
             return
-        self.line_slow_finish(node, ftype, m)
-
-    def line_slow_finish(self, node: Inode, ftype: int, m: re.Match[bytes]) -> None:
-        (
-            _path,
-            size,
-            _at,
-            _mode,
-            nlink,
-            uid,
-            gid,
-            rdev,
-            sec,
-            nsec,
-            payload,
-            content,
-            digest,
-            xattrs,
-        ) = m.groups()
+        node = Inode(mode)
+        self._insert_fast(path, node, ftype)
         self.finish(
             node,
             ftype,
-            int(size),
+            int(size_s),
             int(nlink) & U32,
             int(uid) & U32,
             int(gid) & U32,
-            int(rdev),
+            int(rdev_s),
             int(sec),
             int(nsec) & U32,
             payload,
@@ -403,6 +340,24 @@ class _Parser:
             digest,
             xattrs or b"",
         )
+
+    def _insert_fast(self, path: bytes, node: Inode, ftype: int) -> None:
+        """Insert at a canonical path whose parent directory was seen, else the careful way."""
+        parent_path, _, name = path.rpartition(b"/")
+        parent = self.dirs.get(parent_path)
+        if parent is None or not name or name == b"." or name == b".." or len(name) > NAME_MAX:
+            self.insert(path, node)
+            return
+        entries = parent.entries
+        assert entries is not None
+        if name in entries:
+            self.insert(path, node)  # reports the duplicate
+            return
+        entries[name] = node
+        node.parent = parent
+        node.name = name
+        if ftype == S_IFDIR:
+            self.dirs[path] = node
 
     def line_slow(self, line: bytes) -> None:
         nul = line.find(b"\0")
@@ -422,15 +377,15 @@ class _Parser:
         ftype = mode & S_IFMT
         if ftype not in FILE_TYPES:
             raise _ParseError(f"Invalid mode {mode:o}")
-        node = Inode.__new__(Inode)
-        node.mode = mode
-        node.entries = {} if ftype == S_IFDIR else None
+        node = Inode(mode)
         parent = self.insert(path, node)
 
         if hardlink:
             if ftype == S_IFDIR:
                 raise _ParseError("Directories can't be hardlinked")
             target = _unescape_optional(fields[8])
+            if target is not None:
+                target = _c_string(target)
             assert node.name is not None
             self.hardlinks.append((parent, node.name, node, target))
             return

@@ -89,7 +89,6 @@ class Inode:
     def __init__(
         self,
         mode: int,
-        *,
         nlink: int = 1,
         uid: int = 0,
         gid: int = 0,

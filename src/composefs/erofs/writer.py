@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import gc
 from collections import Counter
-from collections.abc import Iterator
 
 import xxhash
 
@@ -140,29 +139,27 @@ class _Node:
         xattrs[key] = value
 
 
-def choose_version(tree: Tree, min_version: int = 0, max_version: int = 1) -> int:
-    """§4: the base version, bumped to 1 when allowed and the tree holds a whiteout."""
-    for v in (min_version, max_version):
-        if not 0 <= v <= fmt.COMPOSEFS_VERSION_MAX:
-            raise TreeError(errno.EINVAL, f"unsupported format version {v}")
-    max_version = max(max_version, min_version)
-    if min_version < 1 <= max_version:
-        for inode in _home_inodes(tree):
-            if inode.mode & S_IFMT == S_IFCHR and inode.rdev == 0:
-                return 1
-    return min_version
+class _Versioning:
+    """§4: the format version, bumped to 1 at the first whiteout when that is allowed.
 
+    Only whiteouts depend on the version, so deciding at the first one met is the same as
+    the reference's separate walk over the tree beforehand.
+    """
 
-def _home_inodes(tree: Tree) -> Iterator[Inode]:
-    stack = [tree.root]
-    while stack:
-        d = stack.pop()
-        assert d.entries is not None
-        for name, child in d.entries.items():
-            if child.parent is d and child.name == name:
-                yield child
-                if child.entries is not None:
-                    stack.append(child)
+    __slots__ = ("may_bump", "version")
+
+    def __init__(self, min_version: int, max_version: int) -> None:
+        for v in (min_version, max_version):
+            if not 0 <= v <= fmt.COMPOSEFS_VERSION_MAX:
+                raise TreeError(errno.EINVAL, f"unsupported format version {v}")
+        self.version = min_version
+        self.may_bump = min_version < 1 <= max(max_version, min_version)
+
+    def for_whiteout(self) -> int:
+        if self.may_bump:
+            self.version = 1
+            self.may_bump = False
+        return self.version
 
 
 def _escaped(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
@@ -194,7 +191,9 @@ def _check_content(inode: Inode, name: bytes) -> None:
         raise TreeError(errno.EINVAL, "digest must be 32 bytes", name)
 
 
-def _make_node(inode: Inode, name: bytes, parent: _Node | None, version: int) -> _Node:
+def _make_node(
+    inode: Inode, name: bytes, parent: _Node | None, versioning: _Versioning | None
+) -> _Node:
     """A writer node for ``inode`` with the §5 rewrite applied (§5.1-§5.4)."""
     n = _Node()
     n.inode = inode
@@ -214,7 +213,8 @@ def _make_node(inode: Inode, name: bytes, parent: _Node | None, version: int) ->
     n.size = size
     n.nlink = inode.nlink
     if ftype == S_IFREG:
-        _check_content(inode, name)
+        if inode.content is not None or inode.digest is not None or inode.payload is not None:
+            _check_content(inode, name)
         if size > 0 and not inode.content:
             chunkbits = max((size - 1).bit_length(), fmt.BLOCK_BITS)
             if chunkbits > 43:
@@ -242,7 +242,8 @@ def _make_node(inode: Inode, name: bytes, parent: _Node | None, version: int) ->
             raise TreeError(errno.EINVAL, "symlink without target", name)
         n.kind = KIND_SYMLINK
         n.size = len(inode.payload)
-    elif ftype == S_IFCHR and inode.rdev == 0 and parent is not None:
+    elif ftype == S_IFCHR and inode.rdev == 0 and versioning is not None:
+        assert parent is not None
         # §5.4: store the whiteout escaped, as an empty regular file.
         n.kind = KIND_INLINE
         n.size = 0
@@ -251,7 +252,7 @@ def _make_node(inode: Inode, name: bytes, parent: _Node | None, version: int) ->
         n.set_xattr(fmt.USER_OVERLAY_WHITEOUT, b"")
         parent.set_xattr(fmt.OVERLAY_ESCAPED_WHITEOUTS, b"")
         parent.set_xattr(fmt.USER_OVERLAY_WHITEOUTS, b"")
-        if version >= 1:
+        if versioning.for_whiteout() >= 1:
             parent.set_xattr(fmt.OVERLAY_ESCAPED_OPAQUE, b"x")
             parent.set_xattr(fmt.USER_OVERLAY_OPAQUE, b"x")
     elif ftype in FILE_TYPES:
@@ -267,21 +268,20 @@ def _stub(root: _Node, name: bytes) -> _Node:
     inode = Inode(
         S_IFCHR | 0o644, uid=r.uid, gid=r.gid, mtime_sec=r.mtime_sec, mtime_nsec=r.mtime_nsec
     )
-    n = _make_node(inode, name, None, 0)
-    n.parent = root
+    n = _make_node(inode, name, root, None)  # no versioning: stays a real whiteout
     selinux = root.xattrs.get(b"security.selinux")
     if selinux is not None:
         n.set_xattr(b"security.selinux", selinux)
     return n
 
 
-def _number(tree: Tree, version: int) -> list[_Node]:
+def _number(tree: Tree, versioning: _Versioning) -> list[_Node]:
     """§6.1: breadth-first inode order, rewriting each inode for overlayfs on the way (§5).
 
     Also adds ``.`` and ``..`` to every directory (§5.5), the root's opaque marker (§5.6)
     and the root whiteout stubs (§5.7), each where the reference puts it.
     """
-    root = _make_node(tree.root, b"/", None, version)
+    root = _make_node(tree.root, b"/", None, versioning)
     root.parent = root
     order = [root]
     by_inode: dict[int, _Node] = {id(tree.root): root}
@@ -315,7 +315,7 @@ def _number(tree: Tree, version: int) -> list[_Node]:
                     append(stub)
                     add((name, stub))
             elif child.parent is inode and child.name == name:
-                cn = make(child, name, node, version)
+                cn = make(child, name, node, versioning)
                 by_inode[id(child)] = cn
                 append(cn)
                 add((name, cn))
@@ -369,10 +369,7 @@ class _XattrEncoder:
     """The shared xattr table (§7.4) and each inode's xattr area (§7.3)."""
 
     def __init__(self, order: list[_Node]) -> None:
-        counts: Counter[tuple[bytes, bytes]] = Counter()
-        for n in order:
-            if n.xattrs:
-                counts.update(n.xattrs.items())
+        counts = Counter([kv for n in order if n.xattrs for kv in n.xattrs.items()])
         self.key_info: dict[bytes, tuple[int, bytes, int]] = {}
         self.keys_info: dict[tuple[bytes, ...], tuple[int, list[tuple[int, bytes]]]] = {}
         shared = sorted(
@@ -483,29 +480,43 @@ def build_image(tree: Tree, *, min_version: int = 0, max_version: int = 1) -> by
 
 
 def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
-    version = choose_version(tree, min_version, max_version)
-    order = _number(tree, version)
+    versioning = _Versioning(min_version, max_version)
+    order = _number(tree, versioning)
     encoder = _XattrEncoder(order)
     area_of = encoder.area
     external_area = encoder.external_area
 
     # §6.3: minimum mtime and the ACL flag.
-    min_mtime = min([(n.inode.mtime_sec, n.inode.mtime_nsec) for n in order])
-    min_sec, min_nsec = min_mtime
+    min_sec, min_nsec = min([(n.inode.mtime_sec, n.inode.mtime_nsec) for n in order])
     has_acl = any(
         b"system.posix_acl_access" in n.xattrs or b"system.posix_acl_default" in n.xattrs
         for n in order
         if n.xattrs
     )
 
-    # §8 and §9: data layout, inode form, placement.
+    # One pass over the inode order: data layout (§8), form (§8.6), placement (§9) and the
+    # inode area itself (§10).  What depends on later inodes or on the end of the inode
+    # area is recorded and filled in afterwards: directory entries (they hold the nids of
+    # children), shared xattr references (relative to the block holding inodes_end) and
+    # block addresses (the data area starts after the shared xattr table).
+    meta = bytearray(fmt.SUPERBLOCK_END)
+    pack_compact = fmt.INODE_COMPACT.pack
+    pack_extended = fmt.INODE_EXTENDED.pack
+    pack_header = fmt.XATTR_IBODY_HEADER.pack
+    flat_inline = fmt.EROFS_INODE_FLAT_INLINE << 1
+    chunk_based = fmt.EROFS_INODE_CHUNK_BASED << 1
+    block_users: list[tuple[int, _Node]] = []  # (offset of i_u, node) with data blocks
+    ref_slots: list[tuple[int, int]] = []  # (offset, table offset) of shared references
+    dir_tails: list[tuple[int, _Node]] = []  # (offset, directory) of inline entries
     pos = fmt.SUPERBLOCK_END
-    n_data_blocks = 0
-    for n in order:
+    for ino, n in enumerate(order):
         kind = n.kind
         n_blocks = tail = 0
         size = n.size
-        if kind == KIND_DIR:
+        inode = n.inode
+        if kind == KIND_EXTERNAL:
+            tail = 4 * -(-size // (1 << n.chunkbits))
+        elif kind == KIND_DIR:
             n_blocks, tail = _layout_dir(n)
             size = n_blocks * BLOCK_SIZE + tail
             nlink = 2
@@ -513,8 +524,6 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
                 if child.kind == KIND_DIR and child.parent is n and child.name == name:
                     nlink += 1
             n.nlink = nlink
-        elif kind == KIND_EXTERNAL:
-            tail = 4 * -(-size // (1 << n.chunkbits))
         elif kind == KIND_INLINE:
             if size:
                 n_blocks, tail = divmod(size, BLOCK_SIZE)
@@ -523,7 +532,6 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
                     tail = 0
         elif kind == KIND_SYMLINK:
             tail = size
-        inode = n.inode
         extended = (
             inode.mtime_sec != min_sec
             or inode.mtime_nsec != min_nsec
@@ -532,29 +540,28 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
             or inode.gid > 0xFFFF
             or size > 0xFFFFFFFF
         )
-        n.extended = extended
-        meta = 64 if extended else 32
-        if n.xattrs:
-            area = external_area(n.xattrs) if n.plain_external else area_of(n.xattrs)
-            n.xattr_area = area
-            meta += area[0]
+        xattrs = n.xattrs
+        if xattrs:
+            area = external_area(xattrs) if n.plain_external else area_of(xattrs)
+            meta_size = (64 if extended else 32) + area[0]
         else:
-            n.xattr_area = None
+            area = None
+            meta_size = 64 if extended else 32
 
+        # §9 placement
         pos = (pos + 31) & ~31
         if kind == KIND_SYMLINK:
-            total = meta + tail
+            total = meta_size + tail
             if total >= BLOCK_SIZE:
                 n_blocks = 1
                 tail = 0
-            if pos // BLOCK_SIZE != (pos + total - 1) // BLOCK_SIZE:
+            if pos >> 12 != (pos + total - 1) >> 12:
                 pos = round_up(pos, BLOCK_SIZE)
         elif tail:
-            rem = BLOCK_SIZE - (pos + meta) % BLOCK_SIZE
+            rem = BLOCK_SIZE - (pos + meta_size) % BLOCK_SIZE
             if rem < tail:
                 pad = round_up(rem, fmt.SLOT_SIZE)
-                rem2 = BLOCK_SIZE - (pos + meta + pad) % BLOCK_SIZE
-                if tail <= rem2:
+                if tail <= BLOCK_SIZE - (pos + meta_size + pad) % BLOCK_SIZE:
                     pos += pad
                 else:
                     n_blocks += 1
@@ -563,23 +570,85 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
         n.nid = pos >> 5
         n.n_blocks = n_blocks
         n.tail = tail
-        pos += meta + tail
-        n_data_blocks += n_blocks
+        if pos > len(meta):
+            meta += bytes(pos - len(meta))
+
+        # §10.3-§10.6 the inode (i_u of inodes with data blocks is filled in later)
+        mode = n.mode
+        i_format = flat_inline if tail else 0
+        if kind == KIND_EXTERNAL:
+            i_u = n.chunkbits - fmt.BLOCK_BITS
+            i_format = chunk_based
+        elif kind == KIND_OTHER:
+            size = 0
+            i_u = inode.rdev & 0xFFFFFFFF if mode & S_IFMT in (S_IFCHR, S_IFBLK) else 0
+        else:
+            i_u = 0
+            if kind == KIND_DIR:
+                size = n_blocks * BLOCK_SIZE + tail
+        if n_blocks:
+            block_users.append((pos + 16, n))
+        icount = (area[0] - 12) // 4 + 1 if area is not None else 0
+        if extended:
+            meta += pack_extended(
+                i_format | 1, icount, mode & 0xFFFF, 0, size, i_u, ino, inode.uid, inode.gid,
+                inode.mtime_sec, inode.mtime_nsec, n.nlink,
+            )  # fmt: skip
+        else:
+            meta += pack_compact(
+                i_format, icount, mode & 0xFFFF, n.nlink, size, 0, i_u, ino, inode.uid,
+                inode.gid, 0,
+            )  # fmt: skip
+        if area is not None:
+            _size, name_filter, refs, inline = area
+            meta += pack_header(name_filter, len(refs))
+            for r in refs:
+                ref_slots.append((len(meta), r))
+                meta += b"\0\0\0\0"
+            meta += inline
+        # §10.7 the inline tail
+        if tail:
+            if kind == KIND_DIR:
+                dir_tails.append((len(meta), n))
+                meta += bytes(tail)
+            elif kind == KIND_EXTERNAL:
+                meta += b"\xff" * tail
+            elif kind == KIND_SYMLINK:
+                meta += inode.payload or b""
+            else:
+                content = inode.content or b""
+                meta += content[len(content) - tail :]
+        pos = len(meta)
+
     inodes_end = round_up(pos, fmt.SLOT_SIZE)
-    data_start = round_up(inodes_end + len(encoder.table), BLOCK_SIZE)
-    blocks = data_start // BLOCK_SIZE + n_data_blocks
+    table = encoder.table
+    data_start = round_up(inodes_end + len(table), BLOCK_SIZE)
+    data_blkaddr = data_start // BLOCK_SIZE
+    n_data_blocks = sum(n.n_blocks for _off, n in block_users)
+    blocks = data_blkaddr + n_data_blocks
     root_nid = order[0].nid
     if root_nid > 0xFFFF:
         raise TreeError(errno.EFBIG, "the root inode is beyond what the superblock addresses")
 
-    image = bytearray(blocks * BLOCK_SIZE)
+    image = meta
+    image += bytes(data_start - len(image))
+    image[inodes_end : inodes_end + len(table)] = table
+    shared_base = inodes_end % BLOCK_SIZE
+    pack_u32 = fmt.XATTR_SHARED_REF.pack_into
+    for off, r in ref_slots:
+        pack_u32(image, off, (shared_base + r) >> 2)
+    for off, n in dir_tails:
+        _write_dirents(image, off, n.dirents, n.split[-1] if n.split else 0, len(n.dirents))
+    image += bytes(n_data_blocks * BLOCK_SIZE)
+    _write_data_blocks(image, block_users, data_blkaddr)
+
     fmt.COMPOSEFS_HEADER.pack_into(
         image,
         0,
         fmt.COMPOSEFS_MAGIC,
         fmt.COMPOSEFS_HEADER_VERSION,
         fmt.COMPOSEFS_FLAGS_HAS_ACL if has_acl else 0,
-        version,
+        versioning.version,
     )
     fmt.SUPERBLOCK.pack_into(
         image,
@@ -601,108 +670,37 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
         0,  # feature_incompat: none, although chunk-based files are used
         *(0,) * 8,
     )
-    image[inodes_end : inodes_end + len(encoder.table)] = encoder.table
-    _emit(image, order, inodes_end % BLOCK_SIZE, data_start // BLOCK_SIZE)
     return bytes(image)
 
 
-def _emit(image: bytearray, order: list[_Node], shared_base: int, blkaddr: int) -> None:
-    """§10, §11: inodes with their xattrs and tails, then the data blocks."""
-    pack_compact = fmt.INODE_COMPACT.pack_into
-    pack_extended = fmt.INODE_EXTENDED.pack_into
-    pack_header = fmt.XATTR_IBODY_HEADER.pack_into
-    pack_ref = fmt.XATTR_SHARED_REF.pack_into
-    layout_flat_inline = fmt.EROFS_INODE_FLAT_INLINE << 1
-    layout_chunk = fmt.EROFS_INODE_CHUNK_BASED << 1
-    for ino, n in enumerate(order):
+def _write_data_blocks(
+    image: bytearray, block_users: list[tuple[int, _Node]], blkaddr: int
+) -> None:
+    """§11 step 7: data blocks in inode order, and each user's block address in its i_u."""
+    pack_u32 = fmt.XATTR_SHARED_REF.pack_into
+    for i_u_offset, n in block_users:
+        addr = blkaddr
+        blkaddr += n.n_blocks
+        start = addr * BLOCK_SIZE
         kind = n.kind
-        n_blocks = n.n_blocks
-        tail = n.tail
-        if n_blocks:
-            addr = blkaddr
-            blkaddr += n_blocks
-        else:
-            addr = 0
-        mode = n.mode
-        inode = n.inode
-        i_format = layout_flat_inline if tail else 0
         if kind == KIND_EXTERNAL:
-            i_size = n.size
-            i_u = (addr & 0xFFFF0000) | (n.chunkbits - fmt.BLOCK_BITS)
-            i_format = layout_chunk
-        elif kind == KIND_DIR:
-            i_size = n_blocks * BLOCK_SIZE + tail
-            i_u = addr
-        elif kind == KIND_OTHER:
-            i_size = 0
-            i_u = inode.rdev & 0xFFFFFFFF if mode & S_IFMT in (S_IFCHR, S_IFBLK) else 0
-        else:
-            i_size = n.size
-            i_u = addr
-        area = n.xattr_area
-        icount = (area[0] - 12) // 4 + 1 if area is not None else 0
-        off = n.nid << 5
-        if n.extended:
-            pack_extended(
-                image,
-                off,
-                i_format | 1,
-                icount,
-                mode & 0xFFFF,
-                0,
-                i_size,
-                i_u,
-                ino,
-                inode.uid,
-                inode.gid,
-                inode.mtime_sec,
-                inode.mtime_nsec,
-                n.nlink,
-            )
-            off += 64
-        else:
-            pack_compact(
-                image, off, i_format, icount, mode & 0xFFFF, n.nlink, i_size, 0, i_u, ino,
-                inode.uid, inode.gid, 0,
-            )  # fmt: skip
-            off += 32
-        if area is not None:
-            _size, name_filter, refs, inline = area
-            pack_header(image, off, name_filter, len(refs))
-            off += 12
-            for r in refs:
-                pack_ref(image, off, (shared_base + r) >> 2)
-                off += 4
-            image[off : off + len(inline)] = inline
-            off += len(inline)
-        # the inline tail, then the data blocks
+            # §9: a chunk index array that did not fit beside its inode
+            pack_u32(image, i_u_offset, (addr & 0xFFFF0000) | (n.chunkbits - fmt.BLOCK_BITS))
+            image[start : start + BLOCK_SIZE] = b"\xff" * BLOCK_SIZE
+            continue
+        pack_u32(image, i_u_offset, addr)
         if kind == KIND_DIR:
             dirents = n.dirents
             starts = [0, *n.split]
             ends = [*n.split, len(dirents)]
-            for k in range(n_blocks):
-                _write_dirents(image, (addr + k) * BLOCK_SIZE, dirents, starts[k], ends[k])
-            if tail:
-                _write_dirents(image, off, dirents, starts[-1], ends[-1])
-        elif kind == KIND_EXTERNAL:
-            if tail:
-                image[off : off + tail] = b"\xff" * tail
-            if n_blocks:
-                image[addr * BLOCK_SIZE : (addr + 1) * BLOCK_SIZE] = b"\xff" * BLOCK_SIZE
-        elif kind == KIND_INLINE:
-            content = inode.content
-            if content and i_size:
-                if tail:
-                    image[off : off + tail] = content[len(content) - tail :]
-                if n_blocks:
-                    data = content[: n_blocks * BLOCK_SIZE]
-                    image[addr * BLOCK_SIZE : addr * BLOCK_SIZE + len(data)] = data
+            for k in range(n.n_blocks):
+                _write_dirents(image, start + k * BLOCK_SIZE, dirents, starts[k], ends[k])
         elif kind == KIND_SYMLINK:
-            target = inode.payload or b""
-            if tail:
-                image[off : off + tail] = target
-            else:
-                image[addr * BLOCK_SIZE : addr * BLOCK_SIZE + len(target)] = target
+            target = n.inode.payload or b""
+            image[start : start + len(target)] = target
+        else:
+            data = (n.inode.content or b"")[: n.n_blocks * BLOCK_SIZE]
+            image[start : start + len(data)] = data
 
 
 def _write_dirents(
