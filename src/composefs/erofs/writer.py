@@ -162,6 +162,11 @@ class _Versioning:
         return self.version
 
 
+def _metacopy_value(digest: bytes | None) -> bytes:
+    """§5.3: ``trusted.overlay.metacopy``: empty, or the header and the fs-verity digest."""
+    return b"" if digest is None else _METACOPY_HEADER + digest
+
+
 def _escaped(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """§5.2: ``trusted.overlay.X`` becomes ``trusted.overlay.overlay.X``; nothing else."""
     prefix = fmt.OVERLAY_PREFIX
@@ -223,15 +228,18 @@ def _make_node(
                 raise TreeError(errno.EFBIG, path=name)
             n.chunkbits = chunkbits
             n.kind = KIND_EXTERNAL
-            digest = inode.digest
-            # No budget check needed: neither key can exist after escaping, and the two
-            # entries are far below the budget.
-            new = dict(xattrs)
-            new[fmt.OVERLAY_METACOPY] = b"" if digest is None else _METACOPY_HEADER + digest
-            if inode.payload:
-                new[fmt.OVERLAY_REDIRECT] = b"/" + inode.payload
-            n.xattrs = new
-            n.plain_external = not xattrs
+            if xattrs:
+                # No budget check needed: neither key can exist after escaping, and the two
+                # entries are far below the budget.
+                new = dict(xattrs)
+                new[fmt.OVERLAY_METACOPY] = _metacopy_value(inode.digest)
+                if inode.payload:
+                    new[fmt.OVERLAY_REDIRECT] = b"/" + inode.payload
+                n.xattrs = new
+            else:
+                # The common case: the two overlay xattrs are implied by digest and payload
+                # and encoded straight from them (_XattrEncoder.external_area).
+                n.plain_external = True
         else:
             n.kind = KIND_INLINE
     elif ftype == S_IFDIR:
@@ -355,21 +363,43 @@ def _xattr_entry(index: int, suffix: bytes, value: bytes) -> bytes:
 _PAD = [b"", b"\0\0\0", b"\0\0", b"\0"]
 _METACOPY_SUFFIX = fmt.OVERLAY_METACOPY[len(b"trusted.") :]
 _REDIRECT_SUFFIX = fmt.OVERLAY_REDIRECT[len(b"trusted.") :]
-_METACOPY_ENTRY = {
-    size: fmt.XATTR_ENTRY.pack(len(_METACOPY_SUFFIX), fmt.EROFS_XATTR_INDEX_TRUSTED, size)
+_METACOPY_ENTRY_EMPTY = (
+    fmt.XATTR_ENTRY.pack(len(_METACOPY_SUFFIX), fmt.EROFS_XATTR_INDEX_TRUSTED, 0) + _METACOPY_SUFFIX
+)
+_METACOPY_ENTRY_FULL = (
+    fmt.XATTR_ENTRY.pack(len(_METACOPY_SUFFIX), fmt.EROFS_XATTR_INDEX_TRUSTED, fmt.METACOPY_SIZE)
     + _METACOPY_SUFFIX
-    for size in (0, fmt.METACOPY_SIZE)
-}
+    + _METACOPY_HEADER
+)
 _REDIRECT_ENTRY = bytes([len(_REDIRECT_SUFFIX), fmt.EROFS_XATTR_INDEX_TRUSTED])
 _METACOPY_FILTER = 0xFFFFFFFF & ~_key_info(fmt.OVERLAY_METACOPY)[2]
 _EXTERNAL_FILTER = _METACOPY_FILTER & ~_key_info(fmt.OVERLAY_REDIRECT)[2]
 
 
 class _XattrEncoder:
-    """The shared xattr table (§7.4) and each inode's xattr area (§7.3)."""
+    """The shared xattr table (§7.4) and each inode's xattr area (§7.3).
+
+    Plain external files (``_Node.plain_external``) carry their metacopy and redirect
+    xattrs implicitly; they are counted and encoded from the inode's digest and payload.
+    """
 
     def __init__(self, order: list[_Node]) -> None:
         counts = Counter([kv for n in order if n.xattrs for kv in n.xattrs.items()])
+        plain = [n.inode for n in order if n.plain_external]
+        metacopy, redirect = fmt.OVERLAY_METACOPY, fmt.OVERLAY_REDIRECT
+        # Fold the implicit pairs in where they can be shared: used twice among plain files,
+        # or also present on a file with other xattrs.
+        explicit_mc = {v for k, v in counts if k == metacopy}
+        for digest, c in Counter([i.digest for i in plain]).items():
+            value = _metacopy_value(digest)
+            if c > 1 or value in explicit_mc:
+                counts[(metacopy, value)] += c
+        explicit_rd = {v for k, v in counts if k == redirect}
+        for payload, c in Counter([i.payload for i in plain if i.payload]).items():
+            value = b"/" + payload
+            if c > 1 or value in explicit_rd:
+                counts[(redirect, value)] += c
+
         self.key_info: dict[bytes, tuple[int, bytes, int]] = {}
         self.keys_info: dict[tuple[bytes, ...], tuple[int, list[tuple[int, bytes]]]] = {}
         shared = sorted(
@@ -378,11 +408,18 @@ class _XattrEncoder:
             reverse=True,
         )
         self.table_offset: dict[tuple[bytes, bytes], int] = {}
+        self.metacopy_offset: dict[bytes | None, int] = {}  # by digest
+        self.redirect_offset: dict[bytes, int] = {}  # by payload
         table = bytearray()
         for kv in shared:
-            index, suffix, _bit = self.info(kv[0])
+            key, value = kv
+            index, suffix, _bit = self.info(key)
             self.table_offset[kv] = len(table)
-            table += _xattr_entry(index, suffix, kv[1])
+            if key == metacopy:
+                self.metacopy_offset[value[4:] if value else None] = len(table)
+            elif key == redirect:
+                self.redirect_offset[value[1:]] = len(table)
+            table += _xattr_entry(index, suffix, value)
         self.table = bytes(table)
 
     def info(self, key: bytes) -> tuple[int, bytes, int]:
@@ -391,33 +428,31 @@ class _XattrEncoder:
             info = self.key_info[key] = _key_info(key)
         return info
 
-    def external_area(self, xattrs: dict[bytes, bytes]) -> tuple[int, int, list[int], bytes]:
-        """:meth:`area` for the common case of an external file whose only xattrs are the
-        metacopy and (optionally) redirect ones the writer added."""
-        table_offset = self.table_offset
+    def external_area(self, inode: Inode) -> tuple[int, int, list[int], bytes]:
+        """:meth:`area` of a plain external file, from its digest and payload."""
         refs: list[int] = []
-        metacopy = xattrs[fmt.OVERLAY_METACOPY]
-        off = table_offset.get((fmt.OVERLAY_METACOPY, metacopy))
+        digest = inode.digest
+        off = self.metacopy_offset.get(digest)
         if off is None:
             # 4 + 16 + 0 or 36 bytes: never needs padding
-            body = _METACOPY_ENTRY[len(metacopy)] + metacopy
+            body = _METACOPY_ENTRY_EMPTY if digest is None else _METACOPY_ENTRY_FULL + digest
         else:
             refs.append(off)
             body = b""
-        redirect = xattrs.get(fmt.OVERLAY_REDIRECT)
-        if redirect is None:
-            name_filter = _METACOPY_FILTER
-        else:
+        payload = inode.payload
+        if payload:
             name_filter = _EXTERNAL_FILTER
-            off = table_offset.get((fmt.OVERLAY_REDIRECT, redirect))
+            off = self.redirect_offset.get(payload)
             if off is None:
-                n = len(redirect)
+                n = len(payload) + 1
                 body += (
-                    _REDIRECT_ENTRY + n.to_bytes(2, "little") + _REDIRECT_SUFFIX + redirect
+                    _REDIRECT_ENTRY + n.to_bytes(2, "little") + _REDIRECT_SUFFIX + b"/" + payload
                     + _PAD[(20 + n) & 3]
                 )  # fmt: skip
             else:
                 refs.append(off)
+        else:
+            name_filter = _METACOPY_FILTER
         return fmt.XATTR_IBODY_HEADER.size + 4 * len(refs) + len(body), name_filter, refs, body
 
     def area(self, xattrs: dict[bytes, bytes]) -> tuple[int, int, list[int], bytes]:
@@ -541,8 +576,11 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
             or size > 0xFFFFFFFF
         )
         xattrs = n.xattrs
-        if xattrs:
-            area = external_area(xattrs) if n.plain_external else area_of(xattrs)
+        if n.plain_external:
+            area = external_area(inode)
+            meta_size = (64 if extended else 32) + area[0]
+        elif xattrs:
+            area = area_of(xattrs)
             meta_size = (64 if extended else 32) + area[0]
         else:
             area = None
