@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DUMP = REPO.parent / "shared/testdata/upstream/cs9-x86_64-developer.dump.gz"
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
-    """Wall time and peak RSS (KiB) of one run.
+def measure(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall time, CPU time (user + system) and peak RSS (KiB) of one run.
 
     ru_maxrss of RUSAGE_CHILDREN is a high-water mark over all children, so each run goes
     through a fresh wrapper process that reports its only child's peak.
@@ -30,12 +30,12 @@ def measure(cmd: list[str]) -> tuple[float, int]:
     code = (
         "import resource,subprocess,sys,time;t=time.perf_counter();"
         "subprocess.run(sys.argv[1:],check=True,stdout=subprocess.DEVNULL);"
-        "w=time.perf_counter()-t;"
-        "print(w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+        "w=time.perf_counter()-t;r=resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "print(w, r.ru_utime+r.ru_stime, r.ru_maxrss)"
     )
     out = subprocess.run([sys.executable, "-c", code, *cmd], check=True, capture_output=True)
-    wall, rss = out.stdout.split()
-    return float(wall), int(rss)
+    wall, cpu, rss = out.stdout.split()
+    return float(wall), float(cpu), int(rss)
 
 
 def main() -> int:
@@ -55,24 +55,22 @@ def main() -> int:
         tools = {"composefs-py": args.ours}
         if reference:
             tools["reference"] = reference
-        best: dict[str, tuple[float, int]] = {}
+        best: dict[str, tuple[float, float, int]] = {}
         digests = {}
         for _ in range(args.runs):
             for name, exe in tools.items():
                 out = Path(tmp) / f"{name}.img"
-                wall, rss = measure([exe, "--from-file", str(dump), str(out)])
-                prev = best.get(name)
-                best[name] = (
-                    min(wall, prev[0]) if prev else wall,
-                    max(rss, prev[1] if prev else 0),
-                )
+                wall, cpu, rss = measure([exe, "--from-file", str(dump), str(out)])
+                w0, c0, r0 = best.get(name, (wall, cpu, rss))
+                best[name] = (min(wall, w0), min(cpu, c0), max(rss, r0))
                 digests[name] = hashlib.sha256(out.read_bytes()).hexdigest()
     print(f"input: {args.dump.name}, best of {args.runs} runs")
-    for name, (wall, rss) in best.items():
-        print(f"  {name:13s} {wall:7.3f} s   peak RSS {rss / 1024:7.1f} MiB")
+    for name, (wall, cpu, rss) in best.items():
+        print(f"  {name:13s} wall {wall:6.3f} s  cpu {cpu:6.3f} s  peak RSS {rss / 1024:6.1f} MiB")
     if "reference" in best:
-        ratio = best["composefs-py"][0] / best["reference"][0]
-        print(f"  ratio composefs-py/reference: {ratio:.2f}x")
+        ours, ref = best["composefs-py"], best["reference"]
+        wall_ratio, cpu_ratio = ours[0] / ref[0], ours[1] / ref[1]
+        print(f"  ratio composefs-py/reference: wall {wall_ratio:.2f}x, cpu {cpu_ratio:.2f}x")
         if len(set(digests.values())) != 1:
             print("  IMAGES DIFFER:", digests)
             return 1
