@@ -123,14 +123,6 @@ def escape_xattr(value: bytes) -> bytes:
     return _ESCAPE_XATTR.sub(_escape_match, value)
 
 
-def _escape_optional(value: bytes | None) -> bytes:
-    if value is None:
-        return b"-"
-    if value == b"-":
-        return b"\\x2d"
-    return escape(value)
-
-
 # -- numbers --------------------------------------------------------------------------------
 
 
@@ -580,35 +572,6 @@ def load(path: str | os.PathLike[str], *, strict: bool | None = None) -> Tree:
 # -- emitting -------------------------------------------------------------------------------
 
 
-def _format_line(path: bytes, node: Inode, *, link_target: bytes | None = None) -> bytes:
-    ftype = node.mode & S_IFMT
-    if link_target is not None:
-        mode = b"@%o" % node.mode
-        payload = _escape_optional(link_target)
-    else:
-        mode = b"%o" % node.mode
-        payload = _escape_optional(node.payload)
-    content = _escape_optional(node.content if ftype == S_IFREG else None)
-    digest = node.digest.hex().encode() if node.digest is not None else b"-"
-    rdev = node.rdev if ftype in (S_IFCHR, S_IFBLK) else 0
-    parts = [
-        escape(path),
-        b"%d" % node.size,
-        mode,
-        b"%d" % node.nlink,
-        b"%d" % node.uid,
-        b"%d" % node.gid,
-        b"%d" % rdev,
-        b"%d.%d" % (node.mtime_sec, node.mtime_nsec),
-        payload,
-        content,
-        digest,
-    ]
-    for key, value in node.xattrs.items():
-        parts.append(escape_xattr(key) + b"=" + escape_xattr(value))
-    return b" ".join(parts) + b"\n"
-
-
 def iter_lines(tree: Tree) -> Iterator[bytes]:
     """Dump lines of a tree, depth-first in name order.
 
@@ -616,13 +579,43 @@ def iter_lines(tree: Tree) -> Iterator[bytes]:
     hardlink line (``@`` MODE, PAYLOAD = the first path) repeating the inode's fields.
     """
     first_path: dict[int, bytes] = {}
+    esc = _ESCAPE_FIELD.sub
+    esc_x = _ESCAPE_XATTR.sub
+    repl = _escape_match
+    root = tree.root
     for path, node in tree.walk():
         seen = first_path.get(id(node))
-        if seen is not None and node is not tree.root:
-            yield _format_line(path, node, link_target=seen)
+        payload: bytes | None
+        if seen is not None and node is not root:
+            at = b"@"
+            payload = seen
         else:
             first_path[id(node)] = path
-            yield _format_line(path, node)
+            at = b""
+            payload = node.payload
+        ftype = node.mode & S_IFMT
+        content = node.content if ftype == S_IFREG else None
+        digest = node.digest
+        line = b"%b %d %b%o %d %d %d %d %d.%d %b %b %b" % (
+            esc(repl, path),
+            node.size,
+            at,
+            node.mode,
+            node.nlink,
+            node.uid,
+            node.gid,
+            node.rdev if ftype in (S_IFCHR, S_IFBLK) else 0,
+            node.mtime_sec,
+            node.mtime_nsec,
+            b"-" if payload is None else b"\\x2d" if payload == b"-" else esc(repl, payload),
+            b"-" if content is None else b"\\x2d" if content == b"-" else esc(repl, content),
+            b"-" if digest is None else digest.hex().encode(),
+        )
+        if node.xattrs:
+            line += b"".join(
+                [b" " + esc_x(repl, k) + b"=" + esc_x(repl, v) for k, v in node.xattrs.items()]
+            )
+        yield line + b"\n"
 
 
 def dumps(tree: Tree) -> bytes:

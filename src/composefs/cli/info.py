@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from composefs import fsverity
+from composefs import fsverity, imageinfo
 from composefs.cli import ToolArgumentParser, UsageError, console_entry, fail
+from composefs.erofs.reader import Image
+from composefs.errors import FormatError
+from composefs.tree import Tree
 
 PROG = "composefs-info"
-IMAGE_COMMANDS = ("ls", "dump", "objects", "missing-objects")
+COMMANDS = ("ls", "dump", "objects", "missing-objects", "measure-file")
 
 
 def _parser() -> ToolArgumentParser:
@@ -18,21 +22,26 @@ def _parser() -> ToolArgumentParser:
         prog=PROG,
         usage="%(prog)s [--basedir=PATH] [--filter=NAME]... COMMAND IMAGE...\n"
         "       %(prog)s measure-file FILE...",
-        description="Commands: measure-file prints the fs-verity digest of each FILE "
-        "(the kernel's if the file has fs-verity, else computed).",
+        description="Commands: ls (list the files), dump (composefs-dump(5) text), objects "
+        "(backing files the images need), missing-objects (those absent from --basedir), "
+        "measure-file (fs-verity digest of files: the kernel's if enabled, else computed).",
     )
     p.add_argument("--basedir", metavar="PATH", help="object directory for missing-objects")
     p.add_argument(
-        "--filter", metavar="NAME", action="append", default=[], help="only this top-level entry"
+        "--filter",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="only this top-level entry (repeatable)",
     )
     p.add_argument("command", nargs="?", metavar="COMMAND")
-    p.add_argument("paths", nargs="*", metavar="FILE")
+    p.add_argument("paths", nargs="*", metavar="IMAGE")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         return _run(args)
     except UsageError as e:
@@ -42,14 +51,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def _write(lines: Iterable[bytes]) -> None:
+    out = sys.stdout.buffer
+    batch: list[bytes] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) >= 4096:
+            out.write(b"".join(batch))
+            batch.clear()
+    out.write(b"".join(batch))
+
+
 def _run(a: argparse.Namespace) -> int:
+    for name in a.filter:
+        if "/" in name:
+            return fail(PROG, f"Filter must be a single name: {name}")
     if a.command is None:
         raise UsageError("No command specified", usage=True)
     if a.command == "measure-file":
         return _measure(a.paths)
-    if a.command in IMAGE_COMMANDS:
-        return fail(PROG, f"'{a.command}' is not available yet in this version")
-    raise UsageError(f"Unknown command '{a.command}'", usage=True)
+    if a.command not in COMMANDS:
+        return fail(PROG, f"Unknown command '{a.command}'")
+    if a.basedir is not None and not os.path.isdir(a.basedir):
+        return fail(PROG, f"Can't open basedir `{a.basedir}`")
+    if not a.paths:
+        raise UsageError("No image path specified", usage=True)
+    filters = [os.fsencode(f) for f in a.filter] or None
+    objects: set[bytes] = set()
+    for path in a.paths:
+        tree = _load(path, filters)
+        if tree is None:
+            return 1
+        if a.command == "ls":
+            _write(imageinfo.ls_lines(tree))
+        elif a.command == "dump":
+            _write(imageinfo.dump_lines(tree))
+        else:
+            objects |= imageinfo.object_paths(tree)
+    if a.command == "objects":
+        _write(imageinfo.object_lines(objects))
+    elif a.command == "missing-objects":
+        # Without --basedir nothing can be found, so every object is missing.
+        missing = objects if a.basedir is None else imageinfo.missing_objects(objects, a.basedir)
+        _write(imageinfo.object_lines(missing))
+    return 0
+
+
+def _load(path: str, filters: list[bytes] | None) -> Tree | None:
+    try:
+        with Image(path) as image:
+            return image.to_tree(filter=filters)
+    except FormatError as e:
+        fail(PROG, f"Failed to load '{path}': {e.message}")
+    except OSError as e:
+        fail(PROG, f"Failed to open '{path}': {e.strerror}")
+    return None
 
 
 def _measure(paths: list[str]) -> int:

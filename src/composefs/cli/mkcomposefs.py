@@ -62,7 +62,7 @@ def _version(value: str | None, which: str) -> int | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         return _run(args)
     except UsageError as e:

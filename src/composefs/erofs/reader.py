@@ -1,0 +1,647 @@
+"""Reading composefs images: lazy lookups for tools and servers, and image -> Tree.
+
+The image is mapped (``mmap``) or taken as bytes; nothing is parsed until asked for, so
+resolving ``/a/b/c`` reads the superblock, the inodes on that path and their directory
+blocks, nothing else.  Every offset, count and length that comes from the image is checked
+against the image before it is used: a malformed or hostile image raises
+:class:`~composefs.errors.FormatError` naming the offset or inode, never an unrelated
+exception, unbounded recursion or memory use out of proportion to the image size.
+
+:meth:`Image.to_tree` maps the overlayfs xattrs back the way the reference's reader does
+(``docs/dumpfile.md`` §5.3 of the project specs): the redirect becomes the payload, the
+metacopy digest the digest, escaped whiteouts become whiteouts again, and escaped
+``trusted.overlay.overlay.*`` xattrs lose one level of escaping.  Unlike the reference it
+does not read past the end of a redirect value (its §5.4 quirk).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, NamedTuple
+
+from composefs.erofs import format as fmt
+from composefs.erofs.format import BLOCK_SIZE
+from composefs.errors import FormatError, UnsupportedVersionError
+from composefs.tree import (
+    INLINE_CONTENT_MAX,
+    NAME_MAX,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFLNK,
+    S_IFMT,
+    S_IFREG,
+    Inode,
+    Tree,
+)
+
+PATH_MAX = 4096
+_DIRENT = fmt.DIRENT
+_COMPACT = fmt.INODE_COMPACT
+_EXTENDED = fmt.INODE_EXTENDED
+_XATTR_ENTRY = fmt.XATTR_ENTRY
+_U16 = struct.Struct("<H")
+_U32 = fmt.XATTR_SHARED_REF
+_LAYOUTS = frozenset(
+    {fmt.EROFS_INODE_FLAT_PLAIN, fmt.EROFS_INODE_FLAT_INLINE, fmt.EROFS_INODE_CHUNK_BASED}
+)
+_TRUSTED_PREFIX = b"trusted."
+# xattrs the reference's reader drops: writer bookkeeping for escaped whiteouts
+_DROPPED = frozenset(
+    {fmt.OVERLAY_ESCAPED_WHITEOUTS, fmt.USER_OVERLAY_WHITEOUT, fmt.USER_OVERLAY_WHITEOUTS}
+)
+
+
+class ImageInode(NamedTuple):
+    """One inode as stored, with the offsets needed to read its xattrs and data."""
+
+    nid: int
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    mtime_sec: int
+    mtime_nsec: int
+    i_u: int  # rdev, block address or chunk format, by type and layout
+    layout: int
+    xattr_offset: int  # absolute offset of the xattr area; 0 if there is none
+    xattr_size: int
+    tail_offset: int  # absolute offset of the inline tail
+
+    @property
+    def file_type(self) -> int:
+        return self.mode & S_IFMT
+
+    @property
+    def rdev(self) -> int:
+        return self.i_u if self.mode & S_IFMT in (S_IFCHR, S_IFBLK) else 0
+
+    def is_dir(self) -> bool:
+        return self.mode & S_IFMT == S_IFDIR
+
+    def is_stub_whiteout(self) -> bool:
+        """A real whiteout (char device 0/0): the root stubs; readers hide them."""
+        return self.mode & S_IFMT == S_IFCHR and self.i_u == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The composefs header and the EROFS superblock fields a reader uses."""
+
+    flags: int
+    composefs_version: int
+    root_nid: int
+    inos: int
+    build_time: int
+    build_time_nsec: int
+    blocks: int
+    meta_offset: int
+    xattr_offset: int
+
+    @property
+    def has_acl(self) -> bool:
+        return bool(self.flags & fmt.COMPOSEFS_FLAGS_HAS_ACL)
+
+
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
+
+
+class Image:
+    """A composefs image opened for reading.  Use as a context manager, or ``close()``."""
+
+    def __init__(self, source: Source, *, name: str | None = None) -> None:
+        self._mmap: mmap.mmap | None = None
+        self.name = name or _source_name(source)
+        if isinstance(source, bytes | bytearray | memoryview):
+            data: bytes | mmap.mmap = bytes(source)
+        else:
+            if isinstance(source, str | os.PathLike):
+                fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    data = self._map(fd)
+                finally:
+                    os.close(fd)
+            else:
+                data = self._map(source.fileno())
+        self._data = data
+        self.size = len(data)
+        self.header = self._read_header()
+        # shared xattr entries by index: many inodes refer to one entry, decode it once
+        self._shared: dict[int, tuple[bytes, bytes]] = {}
+
+    def _map(self, fd: int) -> bytes | mmap.mmap:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return b""
+        self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return self._mmap
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            self._mmap.close()
+            self._mmap = None
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- low level -------------------------------------------------------------------------
+
+    def _error(self, message: str, offset: int | None = None) -> FormatError:
+        return FormatError(f"{self.name}: {message}", offset=offset)
+
+    def _bytes(self, offset: int, length: int, what: str) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise self._error(f"{what} lies outside the image", offset)
+        return self._data[offset : offset + length]
+
+    def _read_header(self) -> Header:
+        if self.size < BLOCK_SIZE:
+            raise self._error(f"image of {self.size} bytes is too small (at least one block)")
+        magic, version, flags, cfs_version = fmt.COMPOSEFS_HEADER.unpack_from(self._data, 0)
+        if magic != fmt.COMPOSEFS_MAGIC:
+            raise self._error("not a composefs image (bad composefs magic)", 0)
+        if version != fmt.COMPOSEFS_HEADER_VERSION:
+            raise UnsupportedVersionError(
+                f"{self.name}: unsupported composefs header version {version}", offset=4
+            )
+        sb = fmt.SUPERBLOCK.unpack_from(self._data, fmt.EROFS_SUPER_OFFSET)
+        (e_magic, _csum, _compat, blkszbits, _ext, root_nid, inos, build_time, build_nsec,
+         blocks, meta_blkaddr, xattr_blkaddr) = sb[:12]  # fmt: skip
+        if e_magic != fmt.EROFS_SUPER_MAGIC_V1:
+            raise self._error("bad EROFS superblock magic", fmt.EROFS_SUPER_OFFSET)
+        if blkszbits != fmt.BLOCK_BITS:
+            raise self._error(f"unsupported block size 2^{blkszbits}", fmt.EROFS_SUPER_OFFSET + 12)
+        meta = meta_blkaddr * BLOCK_SIZE
+        xattrs = xattr_blkaddr * BLOCK_SIZE
+        if meta >= self.size:
+            raise self._error("metadata area starts past the end", fmt.EROFS_SUPER_OFFSET + 40)
+        if xattrs >= self.size:
+            raise self._error("shared xattr area starts past the end", fmt.EROFS_SUPER_OFFSET + 44)
+        return Header(
+            flags, cfs_version, root_nid, inos, build_time, build_nsec, blocks, meta, xattrs
+        )
+
+    # -- inodes ----------------------------------------------------------------------------
+
+    @property
+    def root(self) -> ImageInode:
+        return self.inode(self.header.root_nid)
+
+    def inode(self, nid: int) -> ImageInode:
+        """The inode with this nid (bounds-checked, not cached)."""
+        offset = self.header.meta_offset + nid * fmt.SLOT_SIZE
+        if nid < 0 or offset + _COMPACT.size > self.size:
+            raise self._error(f"inode {nid} lies outside the image", offset)
+        data = self._data
+        i_format = _U16.unpack_from(data, offset)[0]
+        if i_format & ~fmt.EROFS_I_ALL:
+            raise self._error(f"inode {nid}: unknown format bits {i_format:#x}", offset)
+        layout = (i_format >> fmt.EROFS_I_DATALAYOUT_BIT) & fmt.EROFS_I_DATALAYOUT_MASK
+        if layout not in _LAYOUTS:
+            raise self._error(f"inode {nid}: unsupported data layout {layout}", offset)
+        if i_format & fmt.EROFS_I_VERSION_MASK:
+            if offset + _EXTENDED.size > self.size:
+                raise self._error(f"inode {nid} lies outside the image", offset)
+            (_f, icount, mode, _r, size, i_u, ino, uid, gid, mtime, mtime_nsec,
+             nlink) = _EXTENDED.unpack_from(data, offset)  # fmt: skip
+            isize = _EXTENDED.size
+        else:
+            (_f, icount, mode, nlink, size, _r, i_u, ino, uid, gid,
+             _r2) = _COMPACT.unpack_from(data, offset)  # fmt: skip
+            mtime = self.header.build_time
+            mtime_nsec = self.header.build_time_nsec
+            isize = _COMPACT.size
+        if icount:
+            xattr_size = fmt.XATTR_IBODY_HEADER.size + (icount - 1) * 4
+            xattr_offset = offset + isize
+        else:
+            xattr_size = xattr_offset = 0
+        tail_offset = offset + isize + xattr_size
+        if tail_offset > self.size:
+            raise self._error(f"inode {nid}: xattrs run past the end of the image", offset)
+        return ImageInode(
+            nid, ino, mode, nlink, uid, gid, size, mtime, mtime_nsec, i_u, layout,
+            xattr_offset, xattr_size, tail_offset,
+        )  # fmt: skip
+
+    # -- data --------------------------------------------------------------------------------
+
+    def _flat_parts(self, ino: ImageInode) -> tuple[int, int, int]:
+        """(block offset, bytes in blocks, bytes in the inline tail) of a flat inode."""
+        size = ino.size
+        if ino.layout == fmt.EROFS_INODE_FLAT_INLINE:
+            tail = size % BLOCK_SIZE
+            in_blocks = size - tail
+        elif ino.layout == fmt.EROFS_INODE_FLAT_PLAIN:
+            tail = 0
+            in_blocks = size
+        else:
+            raise self._error(f"inode {ino.nid}: expected a flat data layout", ino.tail_offset)
+        start = ino.i_u * BLOCK_SIZE
+        if in_blocks and start + in_blocks > self.size:
+            raise self._error(f"inode {ino.nid}: data blocks lie outside the image", start)
+        if ino.tail_offset + tail > self.size:
+            raise self._error(f"inode {ino.nid}: inline data runs past the end", ino.tail_offset)
+        return start, in_blocks, tail
+
+    def read_data(self, ino: ImageInode, limit: int) -> bytes:
+        """The content stored in the image for a flat inode, refusing more than ``limit``."""
+        if ino.size > limit:
+            raise self._error(
+                f"inode {ino.nid}: stored data of {ino.size} bytes exceeds {limit}",
+                ino.tail_offset,
+            )
+        start, in_blocks, tail = self._flat_parts(ino)
+        data = self._data
+        return bytes(data[start : start + in_blocks]) + bytes(
+            data[ino.tail_offset : ino.tail_offset + tail]
+        )
+
+    def readlink(self, ino: ImageInode) -> bytes:
+        if ino.mode & S_IFMT != S_IFLNK:
+            raise self._error(f"inode {ino.nid} is not a symlink")
+        if ino.size >= PATH_MAX:
+            raise self._error(f"inode {ino.nid}: symlink of {ino.size} bytes", ino.tail_offset)
+        target = self.read_data(ino, PATH_MAX - 1)
+        nul = target.find(b"\0")
+        if nul >= 0:
+            target = target[:nul]
+        if not target:
+            raise self._error(f"inode {ino.nid}: empty symlink target", ino.tail_offset)
+        return target
+
+    # -- directories ---------------------------------------------------------------------------
+
+    def _dir_chunks(self, ino: ImageInode) -> Iterator[tuple[int, int]]:
+        """(offset, length) of each directory chunk: the blocks, then the inline tail."""
+        start, in_blocks, tail = self._flat_parts(ino)
+        for off in range(start, start + in_blocks, BLOCK_SIZE):
+            yield off, min(BLOCK_SIZE, start + in_blocks - off)
+        if tail:
+            yield ino.tail_offset, tail
+
+    def _chunk_entries(self, nid: int, off: int, length: int) -> Iterator[tuple[bytes, int, int]]:
+        data = self._data
+        if length < _DIRENT.size:
+            raise self._error(f"directory {nid}: truncated entry block", off)
+        first = _U16.unpack_from(data, off + 8)[0]
+        if first < _DIRENT.size or first % _DIRENT.size or first > length:
+            raise self._error(f"directory {nid}: bad first name offset {first}", off + 8)
+        count = first // _DIRENT.size
+        records = list(_DIRENT.iter_unpack(data[off : off + first]))
+        end = off + length
+        for i, (child, nameoff, ftype, _r) in enumerate(records):
+            name_start = off + nameoff
+            if i + 1 < count:
+                name_end = off + records[i + 1][1]
+                if not name_start < name_end <= end:
+                    raise self._error(f"directory {nid}: bad name offset {nameoff}", off + 12 * i)
+                name = data[name_start:name_end]
+            else:
+                if not name_start < end:
+                    raise self._error(f"directory {nid}: bad name offset {nameoff}", off + 12 * i)
+                name = data[name_start:end]
+                nul = name.find(b"\0")
+                if nul >= 0:
+                    name = name[:nul]
+            if not name or len(name) > NAME_MAX or b"/" in name or b"\0" in name:
+                raise self._error(f"directory {nid}: invalid entry name {name!r}", name_start)
+            yield name, child, ftype
+
+    def iterdir(self, ino: ImageInode) -> Iterator[tuple[bytes, int, int]]:
+        """(name, nid, EROFS file type) of every entry of a directory, ``.`` and ``..`` too."""
+        if ino.mode & S_IFMT != S_IFDIR:
+            raise self._error(f"inode {ino.nid} is not a directory")
+        for off, length in self._dir_chunks(ino):
+            yield from self._chunk_entries(ino.nid, off, length)
+
+    def lookup(self, path: bytes | str) -> ImageInode | None:
+        """Resolve an absolute path (symlinks are not followed); None if absent."""
+        if isinstance(path, str):
+            path = os.fsencode(path)
+        ino = self.root
+        for part in path.split(b"/"):
+            if not part or part == b".":
+                continue
+            if ino.mode & S_IFMT != S_IFDIR:
+                return None
+            for name, nid, _ftype in self.iterdir(ino):
+                if name == part:
+                    ino = self.inode(nid)
+                    break
+            else:
+                return None
+        return ino
+
+    # -- xattrs ------------------------------------------------------------------------------
+
+    def raw_xattrs(self, ino: ImageInode) -> list[tuple[bytes, bytes]]:
+        """The xattrs as stored: inline entries in order, then the shared ones."""
+        if not ino.xattr_offset:
+            return []
+        return self._raw_xattrs_at(ino.nid, ino.xattr_offset, ino.xattr_size)
+
+    def _raw_xattrs_at(self, nid: int, start: int, size: int) -> list[tuple[bytes, bytes]]:
+        data = self._data
+        end = start + size
+        shared_count = data[start + 4]
+        pos = start + fmt.XATTR_IBODY_HEADER.size + 4 * shared_count
+        if pos > end:
+            raise self._error(f"inode {nid}: {shared_count} shared xattrs overflow", start)
+        out: list[tuple[bytes, bytes]] = []
+        unpack = _XATTR_ENTRY.unpack_from
+        prefixes = fmt.XATTR_INDEX_PREFIXES
+        while pos + 4 < end:
+            name_len, index, value_size = unpack(data, pos)
+            name_start = pos + 4
+            value_start = name_start + name_len
+            value_end = value_start + value_size
+            prefix = prefixes.get(index)
+            if prefix is None or value_end > end or (not name_len and not prefix):
+                self._xattr_entry(nid, pos, end)  # raises the precise error
+            out.append((prefix + data[name_start:value_start], data[value_start:value_end]))  # type: ignore[operator]
+            pos += (7 + name_len + value_size) & ~3
+        if shared_count:
+            base = self.header.xattr_offset
+            shared = self._shared
+            for i in range(shared_count):
+                idx = _U32.unpack_from(data, start + 12 + 4 * i)[0]
+                pair = shared.get(idx)
+                if pair is None:
+                    key, value, _size = self._xattr_entry(nid, base + 4 * idx, self.size)
+                    pair = shared[idx] = (key, value)
+                out.append(pair)
+        return out
+
+    def _xattr_entry(self, nid: int, pos: int, end: int) -> tuple[bytes, bytes, int]:
+        if pos + _XATTR_ENTRY.size > end:
+            raise self._error(f"inode {nid}: xattr entry out of bounds", pos)
+        name_len, index, value_size = _XATTR_ENTRY.unpack_from(self._data, pos)
+        prefix = fmt.XATTR_INDEX_PREFIXES.get(index)
+        if prefix is None:
+            raise self._error(f"inode {nid}: unknown xattr name index {index}", pos + 1)
+        name_start = pos + _XATTR_ENTRY.size
+        value_start = name_start + name_len
+        value_end = value_start + value_size
+        if value_end > end:
+            raise self._error(f"inode {nid}: xattr entry overflows its area", pos)
+        data = self._data
+        key = prefix + data[name_start:value_start]
+        if not key or b"\0" in key:
+            raise self._error(f"inode {nid}: invalid xattr name {key!r}", name_start)
+        size = (_XATTR_ENTRY.size + name_len + value_size + 3) & ~3
+        return key, bytes(data[value_start:value_end]), size
+
+    # -- whole tree ------------------------------------------------------------------------------
+
+    def to_inode(self, ino: ImageInode) -> Inode:
+        """The model inode: stat fields, user-visible xattrs, payload, digest, content."""
+        mode = ino.mode
+        ftype = mode & S_IFMT
+        node = Inode(
+            mode, ino.nlink, ino.uid, ino.gid, ino.rdev, ino.size, ino.mtime_sec, ino.mtime_nsec
+        )
+        if ftype == S_IFLNK:
+            node.payload = self.readlink(ino)
+        elif ftype == S_IFREG and ino.size:
+            if ino.layout == fmt.EROFS_INODE_CHUNK_BASED:
+                pass  # external: all holes; the content lives in the object store
+            else:
+                node.content = self.read_data(ino, min(INLINE_CONTENT_MAX, self.size))
+        elif ftype == S_IFDIR and ino.layout == fmt.EROFS_INODE_CHUNK_BASED:
+            raise self._error(f"directory {ino.nid} has a chunk-based layout", ino.tail_offset)
+        if ino.xattr_offset:
+            _map_overlay_xattrs(node, self.raw_xattrs(ino))
+        return node
+
+    def to_tree(self, *, filter: Iterable[bytes] | None = None) -> Tree:
+        """The whole image as a Tree (the reference's reader semantics, see module doc).
+
+        ``filter`` keeps only these top-level names.  Real whiteouts (the root stubs) are
+        left out.  Entries are visited depth-first in on-disk order, like the reference,
+        so the first name met of an inode reached under several names is its home; a
+        directory is read once, so cycles cannot recurse.
+        """
+        root_ino = self.root
+        if root_ino.mode & S_IFMT != S_IFDIR:
+            raise self._error("the root inode is not a directory")
+        wanted = None if filter is None else set(filter)
+        # Everything materialised is bounded by the image: in a valid image each byte of
+        # directory data, inline xattrs and inline content belongs to one inode, so needing
+        # more than that means overlapping structures built to multiply the work.
+        self._budget = 2 * self.size
+        root = self.to_inode(root_ino)
+        tree = Tree(root)
+        seen: dict[int, Inode] = {root_ino.nid: root}
+        stack = [(root, root_ino.nid, self._tree_entries(root_ino))]
+        while stack:
+            node, dir_nid, entries = stack[-1]
+            for name, nid, off in entries:
+                if wanted is not None and node is root and name not in wanted:
+                    continue
+                child = seen.get(nid)
+                descend = None
+                if child is None:
+                    loaded = self._tree_node(nid)
+                    if loaded is None:
+                        continue  # a real whiteout: a root stub
+                    child, descend = loaded
+                    seen[nid] = child
+                siblings = node.entries
+                assert siblings is not None
+                if name in siblings:
+                    raise self._error(f"directory {dir_nid}: duplicate entry {name!r}", off)
+                siblings[name] = child
+                if child.parent is None:
+                    child.parent = node
+                    child.name = name
+                if descend is not None:
+                    stack.append((child, nid, self._tree_entries(descend)))
+                    break
+            else:
+                stack.pop()
+        return tree
+
+    def _spend(self, amount: int, where: int) -> None:
+        self._budget -= amount
+        if self._budget < 0:
+            raise self._error("image structures overlap (more data than the image holds)", where)
+
+    def _tree_node(self, nid: int) -> tuple[Inode, ImageInode | None] | None:
+        """The model inode for ``nid`` (and, for a directory, its ImageInode), or None for a
+        root stub.  :meth:`inode` and :meth:`to_inode` fused for speed in :meth:`to_tree`."""
+        data = self._data
+        header = self.header
+        offset = header.meta_offset + nid * 32
+        if nid < 0 or offset + 32 > self.size:
+            raise self._error(f"inode {nid} lies outside the image", offset)
+        i_format = data[offset] | data[offset + 1] << 8
+        layout = i_format >> 1
+        if i_format & 1:
+            if offset + 64 > self.size or i_format & ~fmt.EROFS_I_ALL or layout not in _LAYOUTS:
+                return self._tree_node_slow(nid)
+            (_f, icount, mode, _r, size, i_u, _ino, uid, gid, mtime, mtime_nsec,
+             nlink) = _EXTENDED.unpack_from(data, offset)  # fmt: skip
+            tail_offset = offset + 64
+        else:
+            if i_format & ~fmt.EROFS_I_ALL or layout not in _LAYOUTS:
+                return self._tree_node_slow(nid)
+            (_f, icount, mode, nlink, size, _r, i_u, _ino, uid, gid,
+             _r2) = _COMPACT.unpack_from(data, offset)  # fmt: skip
+            mtime = header.build_time
+            mtime_nsec = header.build_time_nsec
+            tail_offset = offset + 32
+        ftype = mode & S_IFMT
+        if ftype in (S_IFCHR, S_IFBLK):
+            if i_u == 0 and ftype == S_IFCHR:
+                return None
+            rdev = i_u
+        else:
+            rdev = 0
+        xattr_offset = tail_offset
+        if icount:
+            tail_offset += 8 + icount * 4  # 12 + (icount - 1) * 4
+            if tail_offset > self.size:
+                return self._tree_node_slow(nid)
+        node = Inode(mode, nlink, uid, gid, rdev, size, mtime, mtime_nsec)
+        info = None
+        if ftype in (S_IFDIR, S_IFLNK) or (ftype == S_IFREG and size and layout != 4):
+            info = ImageInode(
+                nid, _ino, mode, nlink, uid, gid, size, mtime, mtime_nsec, i_u, layout,
+                xattr_offset if icount else 0, tail_offset - xattr_offset, tail_offset,
+            )  # fmt: skip
+            if ftype == S_IFLNK:
+                self._spend(size, tail_offset)
+                node.payload = self.readlink(info)
+                info = None
+            elif ftype == S_IFREG:
+                self._spend(size, tail_offset)
+                node.content = self.read_data(info, min(INLINE_CONTENT_MAX, self.size))
+                info = None
+            elif layout == fmt.EROFS_INODE_CHUNK_BASED:
+                raise self._error(f"directory {nid} has a chunk-based layout", tail_offset)
+        if icount:
+            self._spend(tail_offset - xattr_offset, xattr_offset)
+            if ftype != S_IFREG or not self._external_xattrs(node, xattr_offset, tail_offset):
+                _map_overlay_xattrs(
+                    node, self._raw_xattrs_at(nid, xattr_offset, tail_offset - xattr_offset)
+                )
+        return node, info
+
+    def _external_xattrs(self, node: Inode, start: int, end: int) -> bool:
+        """Fast path for the xattr area the writer gives an external file: its metacopy
+        (inline, or one shared reference) and an inline redirect, nothing else.  Returns
+        False, having done nothing, for any other area."""
+        data = self._data
+        shared_count = data[start + 4]
+        p = start + 12 + 4 * shared_count
+        if shared_count == 1:
+            idx = _U32.unpack_from(data, start + 12)[0]
+            pair = self._shared.get(idx)
+            if pair is None:
+                key, value, _size = self._xattr_entry(
+                    -1, self.header.xattr_offset + 4 * idx, self.size
+                )
+                pair = self._shared[idx] = (key, value)
+            if pair[0] != fmt.OVERLAY_METACOPY:
+                return False
+            digest = pair[1][4:] if len(pair[1]) == fmt.METACOPY_SIZE else None
+        elif shared_count:
+            return False
+        elif data[p : p + 24] == _METACOPY_PREFIX:
+            digest = data[p + 24 : p + 56]
+            p += 56
+        elif data[p : p + 20] == _METACOPY_ENTRY:
+            digest = None
+            p += 20
+        else:
+            return False
+        if p + 20 > end or data[p : p + 2] != _REDIRECT_PREFIX:
+            return False
+        if data[p + 4 : p + 20] != _REDIRECT_SUFFIX:
+            return False
+        size = data[p + 2] | data[p + 3] << 8
+        if (p + 20 + size + 3) & ~3 != end or size < 2 or data[p + 20] != 0x2F:  # "/"
+            return False
+        value = data[p + 21 : p + 20 + size]
+        if b"\0" in value:
+            return False
+        node.digest = digest
+        node.payload = value
+        return True
+
+    def _tree_node_slow(self, nid: int) -> tuple[Inode, ImageInode | None] | None:
+        ino = self.inode(nid)  # raises the precise error
+        raise self._error(f"inode {nid}: unreadable", ino.tail_offset)  # pragma: no cover
+
+    def _tree_entries(self, ino: ImageInode) -> Iterator[tuple[bytes, int, int]]:
+        for off, length in self._dir_chunks(ino):
+            self._spend(length, off)
+            for name, nid, _ftype in self._chunk_entries(ino.nid, off, length):
+                if name != b"." and name != b"..":
+                    yield name, nid, off
+
+
+_METACOPY_ENTRY = _XATTR_ENTRY.pack(16, fmt.EROFS_XATTR_INDEX_TRUSTED, 0) + b"overlay.metacopy"
+_METACOPY_PREFIX = (
+    _XATTR_ENTRY.pack(16, fmt.EROFS_XATTR_INDEX_TRUSTED, fmt.METACOPY_SIZE)
+    + b"overlay.metacopy"
+    + fmt.METACOPY_HEADER.pack(0, fmt.METACOPY_SIZE, 0, fmt.FS_VERITY_HASH_ALG_SHA256)
+)
+_REDIRECT_PREFIX = bytes([16, fmt.EROFS_XATTR_INDEX_TRUSTED])
+_REDIRECT_SUFFIX = b"overlay.redirect"
+
+
+def _map_overlay_xattrs(node: Inode, raw: list[tuple[bytes, bytes]]) -> None:
+    """Undo the writer's overlayfs rewrite on one inode's stored xattrs (dumpfile.md §5.3)."""
+    xattrs = node.xattrs
+    for key, value in raw:
+        if key.startswith(fmt.OVERLAY_PREFIX):
+            ftype = node.mode & S_IFMT
+            if key == fmt.OVERLAY_REDIRECT:
+                if ftype == S_IFREG:
+                    payload = value[1:] if len(value) > 1 and value[:1] == b"/" else value
+                    nul = payload.find(b"\0")
+                    node.payload = payload if nul < 0 else payload[:nul]
+                continue
+            if key == fmt.OVERLAY_METACOPY:
+                if ftype == S_IFREG and len(value) == fmt.METACOPY_SIZE:
+                    node.digest = value[4:]
+                continue
+            if key == fmt.OVERLAY_ESCAPED_WHITEOUT and ftype == S_IFREG:
+                node.mode = (node.mode & ~S_IFMT) | S_IFCHR
+                node.rdev = 0
+                node.size = 0
+                node.content = None
+                continue
+            if key in _DROPPED:
+                continue
+            if not key.startswith(fmt.OVERLAY_ESCAPED_PREFIX):
+                continue  # the writer's own markers, e.g. the root's opaque=y
+            key = fmt.OVERLAY_PREFIX + key[len(fmt.OVERLAY_ESCAPED_PREFIX) :]
+        elif key in _DROPPED:
+            continue
+        xattrs.pop(key, None)  # a repeated key moves to the end, as in the reference
+        xattrs[key] = value
+
+
+def _source_name(source: Source) -> str:
+    if isinstance(source, str | os.PathLike):
+        return os.fsdecode(source)
+    name = getattr(source, "name", None)
+    return name if isinstance(name, str) else "<image>"
+
+
+def load_tree(source: Source, *, filter: Iterable[bytes] | None = None) -> Tree:
+    """Read a whole image into a Tree."""
+    with Image(source) as image:
+        return image.to_tree(filter=filter)
