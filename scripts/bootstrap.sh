@@ -31,4 +31,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 \
   | grep -v "^WARNING: Location" >&2 || true
+# An editable install leaves the sources uncompiled; with PYTHONDONTWRITEBYTECODE set (as
+# on these machines) every command would compile them again at start-up.
+.venv/bin/python -m compileall -q src >/dev/null
 .venv/bin/python -c "import composefs" # fail loudly if the install did not work

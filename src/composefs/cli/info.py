@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Iterable, Sequence
 
-from composefs import fsverity, imageinfo
+from composefs import imageinfo
 from composefs.cli import ToolArgumentParser, UsageError, console_entry, fail
 from composefs.erofs.reader import Image
 from composefs.errors import FormatError
@@ -109,6 +109,8 @@ def _load(path: str, filters: list[bytes] | None) -> Tree | None:
 
 
 def _measure(paths: list[str]) -> int:
+    from composefs import fsverity  # only this command hashes
+
     if not paths:
         raise UsageError("No files specified", usage=True)
     out = sys.stdout

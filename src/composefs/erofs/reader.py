@@ -20,7 +20,6 @@ import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
 from composefs.erofs import format as fmt
@@ -90,8 +89,7 @@ class ImageInode(NamedTuple):
         return self.mode & S_IFMT == S_IFCHR and self.i_u == 0
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
     """The composefs header and the EROFS superblock fields a reader uses."""
 
     flags: int
@@ -109,7 +107,7 @@ class Header:
         return bool(self.flags & fmt.COMPOSEFS_FLAGS_HAS_ACL)
 
 
-Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview | mmap.mmap | BinaryIO
 
 
 class Image:
@@ -118,7 +116,7 @@ class Image:
     def __init__(self, source: Source, *, name: str | None = None) -> None:
         self._mmap: mmap.mmap | None = None
         self.name = name or _source_name(source)
-        if isinstance(source, bytes | bytearray | memoryview):
+        if isinstance(source, bytes | bytearray | memoryview | mmap.mmap):
             data: bytes | mmap.mmap = bytes(source)
         else:
             if isinstance(source, str | os.PathLike):
@@ -325,7 +323,12 @@ class Image:
             yield from self._chunk_entries(ino.nid, off, length)
 
     def lookup(self, path: bytes | str) -> ImageInode | None:
-        """Resolve an absolute path (symlinks are not followed); None if absent."""
+        """Resolve an absolute path (symlinks are not followed); None if absent.
+
+        Each directory on the way is searched like the kernel does it: its entries are
+        sorted, so a binary search in each chunk, stopping at the first chunk whose names
+        go past the one wanted.
+        """
         if isinstance(path, str):
             path = os.fsencode(path)
         ino = self.root
@@ -334,13 +337,53 @@ class Image:
                 continue
             if ino.mode & S_IFMT != S_IFDIR:
                 return None
-            for name, nid, _ftype in self.iterdir(ino):
-                if name == part:
-                    ino = self.inode(nid)
-                    break
-            else:
+            nid = self._find(ino, part)
+            if nid is None:
                 return None
+            ino = self.inode(nid)
         return ino
+
+    def _find(self, ino: ImageInode, name: bytes) -> int | None:
+        data = self._data
+        for off, length in self._dir_chunks(ino):
+            if length < _DIRENT.size:
+                raise self._error(f"directory {ino.nid}: truncated entry block", off)
+            first = _U16.unpack_from(data, off + 8)[0]
+            if first < _DIRENT.size or first % _DIRENT.size or first > length:
+                raise self._error(f"directory {ino.nid}: bad first name offset {first}", off + 8)
+            records = list(_DIRENT.iter_unpack(data[off : off + first]))
+            count = len(records)
+            end = off + length
+
+            if name > self._name_at(ino.nid, records, count - 1, off, end):
+                continue
+            lo, hi = 0, count - 1
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                found = self._name_at(ino.nid, records, mid, off, end)
+                if found == name:
+                    return int(records[mid][0])
+                if found < name:
+                    lo = mid + 1
+                else:
+                    hi = mid - 1
+            return None
+        return None
+
+    def _name_at(
+        self, nid: int, records: list[tuple[int, int, int, int]], i: int, off: int, end: int
+    ) -> bytes:
+        """Name of record ``i`` of a directory chunk at ``off`` ending at ``end``."""
+        start = off + records[i][1]
+        stop = off + records[i + 1][1] if i + 1 < len(records) else end
+        if not start < stop <= end:
+            raise self._error(f"directory {nid}: bad name offset", off + 12 * i)
+        name = self._data[start:stop]
+        if i + 1 == len(records):
+            nul = name.find(b"\0")
+            if nul >= 0:
+                name = name[:nul]
+        return name
 
     # -- xattrs ------------------------------------------------------------------------------
 

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Benchmark: reading images back.
+
+* ``composefs-info dump`` of the image built from the cs9 developer dump (64k entries),
+  ours and the reference's side by side (best of N runs, wall and CPU time, ratio);
+* ``composefs-info --filter=etc ls`` (only one top-level directory is read);
+* a single-path lookup through the Python API (``Image.lookup``), per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from composefs import dumpfile
+from composefs.erofs.reader import Image
+from composefs.erofs.writer import build_image
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DUMP = REPO.parent / "shared/testdata/upstream/cs9-x86_64-developer.dump.gz"
+LOOKUP_PATH = b"/usr/etc/NetworkManager/dispatcher.d/pre-up.d"
+
+
+def measure(cmd: list[str]) -> tuple[float, float, bytes]:
+    """Wall and CPU seconds of one run, and its output."""
+    code = (
+        "import resource,subprocess,sys,time;t=time.perf_counter();"
+        "out=subprocess.run(sys.argv[1:],check=True,capture_output=True).stdout;"
+        "w=time.perf_counter()-t;r=resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "sys.stdout.buffer.write(b'%f %f\\n' % (w, r.ru_utime+r.ru_stime) + out)"
+    )
+    res = subprocess.run([sys.executable, "-c", code, *cmd], check=True, capture_output=True)
+    head, _, out = res.stdout.partition(b"\n")
+    wall, cpu = head.split()
+    return float(wall), float(cpu), out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dump", type=Path, default=DEFAULT_DUMP)
+    ap.add_argument("--reference", help="path of the reference composefs-info")
+    ap.add_argument("--ours", default=str(Path(sys.executable).parent / "composefs-info"))
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    reference = args.reference or shutil.which("composefs-info")
+    if reference and Path(reference).resolve() == Path(args.ours).resolve():
+        reference = None
+
+    data = args.dump.read_bytes()
+    if args.dump.suffix == ".gz":
+        data = gzip.decompress(data)
+    image_bytes = build_image(dumpfile.parse(data))
+    with tempfile.TemporaryDirectory() as tmp:
+        image = Path(tmp) / "image.img"
+        image.write_bytes(image_bytes)
+        tools = {"composefs-py": args.ours}
+        if reference:
+            tools["reference"] = reference
+        for _label, extra in (("dump", ["dump"]), ("filtered ls", ["--filter=etc", "ls"])):
+            best: dict[str, tuple[float, float]] = {}
+            outputs = {}
+            for _ in range(args.runs):
+                for name, exe in tools.items():
+                    wall, cpu, out = measure([exe, *extra, str(image)])
+                    w0, c0 = best.get(name, (wall, cpu))
+                    best[name] = (min(wall, w0), min(cpu, c0))
+                    outputs[name] = out
+            print(f"composefs-info {' '.join(extra)} ({args.dump.name}), best of {args.runs}")
+            for name, (wall, cpu) in best.items():
+                print(f"  {name:13s} wall {wall:6.3f} s  cpu {cpu:6.3f} s")
+            if "reference" in best:
+                ours, ref = best["composefs-py"], best["reference"]
+                same = "identical" if len(set(outputs.values())) == 1 else "OUTPUT DIFFERS"
+                print(
+                    f"  ratio: wall {ours[0] / ref[0]:.2f}x, cpu {ours[1] / ref[1]:.2f}x ({same})"
+                )
+
+        with Image(image) as img:
+            n = 2000
+            t = time.perf_counter()
+            for _ in range(n):
+                img.lookup(LOOKUP_PATH)
+            per_call = (time.perf_counter() - t) / n
+        print(f"Image.lookup({LOOKUP_PATH.decode()}): {per_call * 1e6:.1f} us per call")
+    if not reference:
+        print("(reference composefs-info not found; pass --reference PATH)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
