@@ -17,6 +17,8 @@ COMPILED_MODULES = [
     "src/composefs/dumpfile.py",
     "src/composefs/erofs/format.py",
     "src/composefs/erofs/writer.py",
+    "src/composefs/erofs/reader.py",
+    "src/composefs/imageinfo.py",
 ]
 
 ext_modules = []

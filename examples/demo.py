@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The built-in example: build a composefs image from examples/demo.dump and describe it.
+"""The built-in example: build a composefs image from examples/demo.dump and inspect it.
 
 Run through scripts/demo.sh (which installs everything first).
 """
@@ -41,6 +41,11 @@ def main() -> int:
     if shutil.which("fsck.erofs"):
         subprocess.run(["fsck.erofs", str(image)], check=True, capture_output=True)
         print("fsck.erofs: image is a valid EROFS filesystem")
+
+    print("\nWhat the image holds (directories end in /, @ names the backing object):")
+    step("list", [str(BIN / "composefs-info"), "ls", str(image)])
+    print("\nObjects the image needs in its object store:")
+    step("objects", [str(BIN / "composefs-info"), "objects", str(image)])
     return 0
 
 
