@@ -507,7 +507,8 @@ class _Parser:
                 target = link_to[id(target)]
                 seen += 1
                 if seen > len(link_to):
-                    raise TreeError(errno.ELOOP, "hardlink cycle", path=name)
+                    where = parent.path().rstrip(b"/") + b"/" + name
+                    raise TreeError(errno.ELOOP, "hardlink cycle", path=where)
             assert parent.entries is not None
             parent.entries[name] = target
 
@@ -557,6 +558,20 @@ def parse(data: bytes, *, strict: bool | None = None, source: str | None = None)
     except _ParseError as e:
         raise DumpfileError(str(e), line=lineno or None, source=source) from None
     return Tree(parser.root)
+
+
+def line_of(data: bytes, path: bytes) -> int | None:
+    """The 1-based line of a dump that defines ``path`` (for errors found after parsing)."""
+    wanted = b"/" + b"/".join(p for p in path.split(b"/") if p)
+    for number, line in enumerate(data.split(b"\n"), 1):
+        field = line.split(b" ", 1)[0]
+        try:
+            candidate = _c_string(unescape(field))
+        except _ParseError:
+            continue
+        if b"/" + b"/".join(p for p in candidate.split(b"/") if p) == wanted:
+            return number
+    return None
 
 
 def load(path: str | os.PathLike[str], *, strict: bool | None = None) -> Tree:

@@ -152,6 +152,15 @@ class Inode:
         """Whether ``name`` in this directory is ``child``'s home (not a further hardlink)."""
         return child.parent is self and child.name == name
 
+    def path(self) -> bytes:
+        """The absolute path of this inode's home (following ``parent`` to the root)."""
+        names: list[bytes] = []
+        node = self
+        while node.parent is not None and node.parent is not node:
+            names.append(node.name or b"")
+            node = node.parent
+        return b"/" + b"/".join(reversed(names))
+
     def lookup(self, path: bytes) -> Inode | None:
         """Resolve a ``/``-separated path below this directory (no symlinks followed)."""
         node: Inode | None = self

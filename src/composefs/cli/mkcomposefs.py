@@ -122,7 +122,10 @@ def _run(a: argparse.Namespace) -> int:
     except DumpfileError as e:
         return fail(PROG, str(e))
     except TreeError as e:
-        return fail(PROG, f"cannot write file: {e.describe()}")
+        # Found while writing, as in the reference; say which line defined the file.
+        line = dumpfile.line_of(data, e.path) if e.path is not None else None
+        where = f"{name}:{line}: " if line is not None else ""
+        return fail(PROG, f"{where}cannot write file: {e.describe()}")
 
     digest_line = (
         (fsverity.digest(image).hex() + "\n").encode() if (a.print_digest or digest_only) else b""

@@ -114,6 +114,15 @@ class _Node:
     xattr_area: tuple[int, int, list[int], bytes] | None
     nid: int
 
+    def path(self) -> bytes:
+        """The node's absolute path, for error messages."""
+        names = []
+        node = self
+        while node.name != b"/":
+            names.append(node.name)
+            node = node.parent
+        return b"/" + b"/".join(reversed(names))
+
     def set_xattr(self, key: bytes, value: bytes) -> None:
         """Add or replace an xattr, with the reference's budget check (§5.8).
 
@@ -134,7 +143,7 @@ class _Node:
         if not xattrs:
             entry += XATTR_HEADER_OVERHEAD
         if (self.xattr_budget + entry) & U64 > XATTR_BUDGET:
-            raise TreeError(errno.ERANGE, f"cannot add xattr {key.decode()}", self.name)
+            raise TreeError(errno.ERANGE, f"cannot add xattr {key.decode()}", self.path())
         self.xattr_budget += entry
         xattrs[key] = value
 
@@ -180,20 +189,20 @@ def _escaped(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
     return {(escaped + k[cut:] if k.startswith(prefix) else k): v for k, v in xattrs.items()}
 
 
-def _check_content(inode: Inode, name: bytes) -> None:
+def _check_content(inode: Inode, n: _Node) -> None:
     """What the reference's node validation refuses (the dump parser already did most)."""
     payload = inode.payload
     if payload is not None and (len(payload) > PAYLOAD_MAX or b"\0" in payload):
-        raise TreeError(errno.ENAMETOOLONG, "payload too long", name)
+        raise TreeError(errno.ENAMETOOLONG, "payload too long", n.path())
     content = inode.content
     if content is not None:
         if len(content) > INLINE_CONTENT_MAX:
-            raise TreeError(errno.EINVAL, "inline content too large", name)
+            raise TreeError(errno.EINVAL, "inline content too large", n.path())
         if len(content) != inode.size:
-            raise TreeError(errno.EINVAL, "content length differs from size", name)
+            raise TreeError(errno.EINVAL, "content length differs from size", n.path())
     digest = inode.digest
     if digest is not None and len(digest) != DIGEST_SIZE:
-        raise TreeError(errno.EINVAL, "digest must be 32 bytes", name)
+        raise TreeError(errno.EINVAL, "digest must be 32 bytes", n.path())
 
 
 def _make_node(
@@ -219,13 +228,13 @@ def _make_node(
     n.nlink = inode.nlink
     if ftype == S_IFREG:
         if inode.content is not None or inode.digest is not None or inode.payload is not None:
-            _check_content(inode, name)
+            _check_content(inode, n)
         if size > 0 and not inode.content:
             chunkbits = max((size - 1).bit_length(), fmt.BLOCK_BITS)
             if chunkbits > 43:
                 chunkbits = 43  # §8.3: the chunk format field has 5 bits
             if -(-size // (1 << chunkbits)) > MAX_CHUNKS:
-                raise TreeError(errno.EFBIG, path=name)
+                raise TreeError(errno.EFBIG, path=n.path())
             n.chunkbits = chunkbits
             n.kind = KIND_EXTERNAL
             if xattrs:
@@ -245,9 +254,9 @@ def _make_node(
     elif ftype == S_IFDIR:
         n.kind = KIND_DIR
     elif ftype == S_IFLNK:
-        _check_content(inode, name)
+        _check_content(inode, n)
         if not inode.payload:
-            raise TreeError(errno.EINVAL, "symlink without target", name)
+            raise TreeError(errno.EINVAL, "symlink without target", n.path())
         n.kind = KIND_SYMLINK
         n.size = len(inode.payload)
     elif ftype == S_IFCHR and inode.rdev == 0 and versioning is not None:
@@ -266,7 +275,7 @@ def _make_node(
     elif ftype in FILE_TYPES:
         n.kind = KIND_OTHER
     else:
-        raise TreeError(errno.EINVAL, f"invalid mode {mode:o}", name)
+        raise TreeError(errno.EINVAL, f"invalid mode {mode:o}", n.path())
     return n
 
 
