@@ -87,6 +87,8 @@ def test_lazy_api() -> None:
         node = img.to_inode(motd)
         assert node.payload == keys[b"trusted.overlay.redirect"][1:]
         assert node.digest == keys[b"trusted.overlay.metacopy"][4:]
+        assert img.backing_file(motd) == (node.payload, node.digest)
+        assert img.xattrs(motd) == {b"security.selinux": b"system_u:object_r:etc_t:s0"}
         assert img.lookup("/no/such/file") is None
         assert img.lookup("/etc/hostname/below-a-file") is None
         link = img.lookup("/usr/lib/table-link.bin")

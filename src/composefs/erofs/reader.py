@@ -425,6 +425,16 @@ class Image:
                 out.append(pair)
         return out
 
+    def xattrs(self, ino: ImageInode) -> dict[bytes, bytes]:
+        """The xattrs a user of the mounted image sees: overlayfs internals removed and
+        escaped ``trusted.overlay.*`` names restored (the reference reader's mapping)."""
+        return self.to_inode(ino).xattrs
+
+    def backing_file(self, ino: ImageInode) -> tuple[bytes | None, bytes | None]:
+        """(object path, fs-verity digest) of an external regular file, each None if absent."""
+        node = self.to_inode(ino)
+        return node.payload if node.mode & S_IFMT == S_IFREG else None, node.digest
+
     def _xattr_entry(self, nid: int, pos: int, end: int) -> tuple[bytes, bytes, int]:
         if pos + _XATTR_ENTRY.size > end:
             raise self._error(f"inode {nid}: xattr entry out of bounds", pos)
