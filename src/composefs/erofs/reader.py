@@ -26,6 +26,7 @@ from composefs.erofs import format as fmt
 from composefs.erofs.format import BLOCK_SIZE
 from composefs.errors import FormatError, UnsupportedVersionError
 from composefs.tree import (
+    FILE_TYPES,
     INLINE_CONTENT_MAX,
     NAME_MAX,
     S_IFBLK,
@@ -184,6 +185,11 @@ class Image:
             raise self._error("metadata area starts past the end", fmt.EROFS_SUPER_OFFSET + 40)
         if xattrs >= self.size:
             raise self._error("shared xattr area starts past the end", fmt.EROFS_SUPER_OFFSET + 44)
+        if blocks * BLOCK_SIZE > self.size:
+            raise self._error(
+                f"image is truncated: {self.size} bytes, the superblock says {blocks} blocks",
+                fmt.EROFS_SUPER_OFFSET + 36,
+            )
         return Header(
             flags, cfs_version, root_nid, inos, build_time, build_nsec, blocks, meta, xattrs
         )
@@ -226,10 +232,37 @@ class Image:
         tail_offset = offset + isize + xattr_size
         if tail_offset > self.size:
             raise self._error(f"inode {nid}: xattrs run past the end of the image", offset)
+        self._check_inode(nid, mode, layout, size, i_u, tail_offset)
         return ImageInode(
             nid, ino, mode, nlink, uid, gid, size, mtime, mtime_nsec, i_u, layout,
             xattr_offset, xattr_size, tail_offset,
         )  # fmt: skip
+
+    def _check_inode(
+        self, nid: int, mode: int, layout: int, size: int, i_u: int, tail_offset: int
+    ) -> None:
+        """What every inode must satisfy before anything else is read through it."""
+        ftype = mode & S_IFMT
+        if ftype not in FILE_TYPES:
+            raise self._error(f"inode {nid}: invalid file type in mode {mode:o}", tail_offset)
+        if layout == fmt.EROFS_INODE_CHUNK_BASED:
+            if ftype != S_IFREG:
+                raise self._error(f"inode {nid}: chunk-based layout on a non-file", tail_offset)
+            chunk_format = i_u & 0xFFFF  # the high half may hold a block address (§10.6)
+            if chunk_format & ~fmt.EROFS_CHUNK_FORMAT_BLKBITS_MASK:
+                raise self._error(
+                    f"inode {nid}: unsupported chunk format {chunk_format:#x}", tail_offset
+                )
+            chunkbits = fmt.BLOCK_BITS + chunk_format
+            chunks = -(-size // (1 << chunkbits))
+            if tail_offset + 4 * chunks > self.size:
+                raise self._error(
+                    f"inode {nid}: {chunks} chunk indexes run past the end", tail_offset
+                )
+        elif layout == fmt.EROFS_INODE_FLAT_INLINE:
+            tail = size % BLOCK_SIZE
+            if tail and tail_offset % BLOCK_SIZE + tail > BLOCK_SIZE:
+                raise self._error(f"inode {nid}: inline data crosses a block boundary", tail_offset)
 
     # -- data --------------------------------------------------------------------------------
 
@@ -486,7 +519,7 @@ class Image:
         """
         root_ino = self.root
         if root_ino.mode & S_IFMT != S_IFDIR:
-            raise self._error("the root inode is not a directory")
+            raise self._error(f"the root inode {root_ino.nid} is not a directory")
         wanted = None if filter is None else set(filter)
         # Everything materialised is bounded by the image: in a valid image each byte of
         # directory data, inline xattrs and inline content belongs to one inode, so needing
@@ -554,17 +587,19 @@ class Image:
             mtime_nsec = header.build_time_nsec
             tail_offset = offset + 32
         ftype = mode & S_IFMT
+        xattr_offset = tail_offset
+        if icount:
+            tail_offset += 8 + icount * 4  # 12 + (icount - 1) * 4
+            if tail_offset > self.size:
+                return self._tree_node_slow(nid)
+        if layout or ftype not in FILE_TYPES:
+            self._check_inode(nid, mode, layout, size, i_u, tail_offset)
         if ftype in (S_IFCHR, S_IFBLK):
             if i_u == 0 and ftype == S_IFCHR:
                 return None
             rdev = i_u
         else:
             rdev = 0
-        xattr_offset = tail_offset
-        if icount:
-            tail_offset += 8 + icount * 4  # 12 + (icount - 1) * 4
-            if tail_offset > self.size:
-                return self._tree_node_slow(nid)
         node = Inode(mode, nlink, uid, gid, rdev, size, mtime, mtime_nsec)
         info = None
         if ftype in (S_IFDIR, S_IFLNK) or (ftype == S_IFREG and size and layout != 4):
@@ -584,25 +619,27 @@ class Image:
                 raise self._error(f"directory {nid} has a chunk-based layout", tail_offset)
         if icount:
             self._spend(tail_offset - xattr_offset, xattr_offset)
-            if ftype != S_IFREG or not self._external_xattrs(node, xattr_offset, tail_offset):
+            if ftype != S_IFREG or not self._external_xattrs(nid, node, xattr_offset, tail_offset):
                 _map_overlay_xattrs(
                     node, self._raw_xattrs_at(nid, xattr_offset, tail_offset - xattr_offset)
                 )
         return node, info
 
-    def _external_xattrs(self, node: Inode, start: int, end: int) -> bool:
+    def _external_xattrs(self, nid: int, node: Inode, start: int, end: int) -> bool:
         """Fast path for the xattr area the writer gives an external file: its metacopy
         (inline, or one shared reference) and an inline redirect, nothing else.  Returns
         False, having done nothing, for any other area."""
         data = self._data
         shared_count = data[start + 4]
         p = start + 12 + 4 * shared_count
+        if p > end:
+            return False  # the careful path reports it
         if shared_count == 1:
             idx = _U32.unpack_from(data, start + 12)[0]
             pair = self._shared.get(idx)
             if pair is None:
                 key, value, _size = self._xattr_entry(
-                    -1, self.header.xattr_offset + 4 * idx, self.size
+                    nid, self.header.xattr_offset + 4 * idx, self.size
                 )
                 pair = self._shared[idx] = (key, value)
             if pair[0] != fmt.OVERLAY_METACOPY:
