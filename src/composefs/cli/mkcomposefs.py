@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,7 +48,12 @@ def _parser() -> ToolArgumentParser:
     p.add_argument(
         "--max-version", metavar="N", help=f"highest format version (default {DEFAULT_MAX_VERSION})"
     )
-    p.add_argument("--threads", metavar="N", help="worker threads for hashing and copying")
+    p.add_argument("--threads", metavar="N", help="worker processes for hashing (default: CPUs)")
+    p.add_argument(
+        "--hardlinks",
+        action="store_true",
+        help="keep hardlinks as hardlinks (the reference 1.0.8 stores each name apart)",
+    )
     p.add_argument("paths", nargs="*", metavar="SOURCE [IMAGE]")
     return p
 
@@ -102,11 +108,10 @@ def _run(a: argparse.Namespace) -> int:
         return fail(PROG, "--skip-xattrs and --user-xattrs cannot be combined")
     if image_path == "-" and sys.stdout.isatty():
         return fail(PROG, "stdout is a tty.  Refusing to use it")
-    if not a.from_file:
-        return fail(PROG, "directory sources are not supported yet; use --from-file")
-
     # Building allocates many small objects and frees none: collection passes are pure cost.
     gc.disable()
+    if not a.from_file:
+        return _from_directory(a, source, image_path, min_v, max_v, digest_only)
     try:
         if source == "-":
             data = sys.stdin.buffer.read()
@@ -126,10 +131,48 @@ def _run(a: argparse.Namespace) -> int:
         line = dumpfile.line_of(data, e.path) if e.path is not None else None
         where = f"{name}:{line}: " if line is not None else ""
         return fail(PROG, f"{where}cannot write file: {e.describe()}")
+    return _output(image, image_path, a.print_digest or digest_only, digest_only)
 
-    digest_line = (
-        (fsverity.digest(image).hex() + "\n").encode() if (a.print_digest or digest_only) else b""
+
+def _from_directory(
+    a: argparse.Namespace,
+    source: str,
+    image_path: str | None,
+    min_v: int,
+    max_v: int,
+    digest_only: bool,
+) -> int:
+    from composefs.objects import ObjectStore
+    from composefs.scan import ScanError, ScanOptions, scan_directory
+
+    threads = int(a.threads) if a.threads is not None else len(os.sched_getaffinity(0))
+    options = ScanOptions(
+        use_epoch=a.use_epoch,
+        skip_devices=a.skip_devices,
+        skip_xattrs=a.skip_xattrs,
+        user_xattrs=a.user_xattrs,
+        hardlinks=a.hardlinks,
+        threads=threads,
     )
+    try:
+        store = ObjectStore(a.digest_store) if a.digest_store else None
+    except OSError as e:
+        return fail(PROG, f"cannot fill store: {e.strerror}")
+    try:
+        tree = scan_directory(source, options, store)
+        image = build_image(tree, min_version=min_v, max_version=max_v)
+    except ScanError as e:
+        return fail(PROG, str(e))
+    except TreeError as e:
+        return fail(PROG, f"cannot write file: {e.describe()}")
+    except OSError as e:
+        return fail(PROG, f"cannot fill store: {e.strerror}")
+    return _output(image, image_path, a.print_digest or digest_only, digest_only)
+
+
+def _output(image: bytes, image_path: str | None, print_digest: bool, digest_only: bool) -> int:
+    """Write the image (atomically, or to stdout) and print its digest when asked."""
+    digest_line = (fsverity.digest(image).hex() + "\n").encode() if print_digest else b""
     if digest_only:
         sys.stdout.buffer.write(digest_line)
         sys.stdout.flush()

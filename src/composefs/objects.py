@@ -1,0 +1,172 @@
+"""The content-addressed object store: ``XX/<62 hex>`` files named by their fs-verity digest.
+
+Objects are written to a temporary file inside the store and renamed into place, so the
+store never shows a partial object.  Durability is batched: :class:`ObjectWriter` copies
+every new object first, then makes all of them durable with one ``syncfs`` before any of
+them is renamed into place (a crash leaves only ``.tmp*`` files, never a visible object
+with unsynced content).  Two writers filling one store at once are safe: names are unique
+and a rename over an existing object replaces it with the same content.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+from composefs import fsverity
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+OBJECT_MODE = 0o644
+_DIR_MODE = 0o755
+
+
+def object_name(digest: bytes) -> str:
+    """``xx/yyyy…``: the store path of a digest (the image's redirect payload)."""
+    h = digest.hex()
+    return f"{h[:2]}/{h[2:]}"
+
+
+def _syncfs(fd: int) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def copy_file(src_fd: int, dst_fd: int) -> None:
+    """Copy a whole file: a reflink where the filesystem can, else ``copy_file_range``."""
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+        return
+    except OSError:
+        pass
+    size = os.fstat(src_fd).st_size
+    offset = 0
+    try:
+        while offset < size:
+            n = os.copy_file_range(src_fd, dst_fd, size - offset, offset, offset)
+            if n == 0:
+                break
+            offset += n
+        return
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    os.lseek(dst_fd, 0, os.SEEK_SET)
+    os.ftruncate(dst_fd, 0)
+    offset = 0
+    while True:
+        chunk = os.pread(src_fd, 1 << 20, offset)
+        if not chunk:
+            break
+        os.write(dst_fd, chunk)
+        offset += len(chunk)
+
+
+class ObjectStore:
+    """A directory of objects named by fs-verity digest."""
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.path = Path(path)
+        if create:
+            self.path.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        elif not self.path.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "object store not found", str(path))
+
+    def object_path(self, digest: bytes) -> Path:
+        return self.path / object_name(digest)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return os.path.lexists(self.object_path(digest))
+
+    def writer(self) -> ObjectWriter:
+        return ObjectWriter(self)
+
+
+class ObjectWriter:
+    """Adds objects to a store; everything added becomes visible at :meth:`commit`."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self._pending: dict[bytes, str] = {}  # digest -> temporary path
+        self.added = 0
+        self.reused = 0
+
+    def add_fd(self, src_fd: int, digest: bytes) -> bool:
+        """Stage the content of ``src_fd`` as object ``digest``; False if already present."""
+        if digest in self._pending or digest in self.store:
+            self.reused += 1
+            return False
+        fd, tmp = tempfile.mkstemp(dir=self.store.path, prefix=".tmp")
+        try:
+            copy_file(src_fd, fd)
+            os.fchmod(fd, OBJECT_MODE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        self._pending[digest] = tmp
+        self.added += 1
+        return True
+
+    def commit(self) -> None:
+        """Make staged objects durable (one syncfs), enable fs-verity, rename into place."""
+        if not self._pending:
+            return
+        root_fd = os.open(self.store.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _syncfs(root_fd)
+        finally:
+            os.close(root_fd)
+        dirs: set[Path] = set()
+        for digest, tmp in self._pending.items():
+            _try_enable_verity(tmp)
+            final = self.store.object_path(digest)
+            final.parent.mkdir(mode=_DIR_MODE, exist_ok=True)
+            os.rename(tmp, final)
+            dirs.add(final.parent)
+        for d in (*dirs, self.store.path):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._pending.clear()
+
+    def abort(self) -> None:
+        for tmp in self._pending.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        self._pending.clear()
+
+    def __enter__(self) -> ObjectWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def _try_enable_verity(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fsverity.enable_verity(fd)
+    except OSError:
+        pass  # best effort, like the reference
+    finally:
+        os.close(fd)

@@ -1,0 +1,238 @@
+"""Directory -> Tree, the way the reference ``mkcomposefs SOURCEDIR IMAGE`` reads a tree.
+
+Rules (``docs/format.md`` §13 of the project specs): every entry is ``lstat``-ed; mode,
+owner, device number, size and (unless ``use_epoch``) mtime come from it; ``nlink`` is 1
+and hardlinks are separate inodes unless ``hardlinks`` is asked for (then one inode under
+every name, with the number of names in the tree as its link count); symlink targets via
+``readlink``; xattrs via ``listxattr``/``getxattr`` (none with ``skip_xattrs``, only
+``user.*`` with ``user_xattrs``); block and character devices dropped with
+``skip_devices``.  Every non-empty regular file gets its fs-verity digest and the payload
+``xx/<62 hex>``; files of at most 64 bytes are also embedded in the image.
+
+With an :class:`~composefs.objects.ObjectStore`, the content of every file that is not
+embedded is added to it.  Digests are computed in ``threads`` worker processes (hashlib
+releases the GIL, but handing it between threads costs more than hashing a small file).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from composefs import fsverity
+from composefs.errors import ComposefsError, TreeError
+from composefs.objects import ObjectStore, object_name
+from composefs.tree import S_IFBLK, S_IFCHR, S_IFMT, Inode, Tree
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
+INLINE_MAX = 64  # the reference embeds files up to this size
+_BATCH = 64  # files per task handed to a worker process
+
+
+class ScanError(ComposefsError):
+    """A file of the source tree could not be read; names the path and the reason."""
+
+    def __init__(self, path: bytes, err: OSError | TreeError) -> None:
+        self.path = path
+        reason = err.describe() if isinstance(err, TreeError) else (err.strerror or str(err))
+        super().__init__(f"error accessing {os.fsdecode(path)}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class ScanOptions:
+    use_epoch: bool = False
+    skip_devices: bool = False
+    skip_xattrs: bool = False
+    user_xattrs: bool = False
+    hardlinks: bool = False
+    threads: int = 1
+
+
+@dataclass(slots=True)
+class ScanStats:
+    files: int = 0
+    bytes: int = 0
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+    objects_added: int = 0
+    objects_reused: int = 0
+
+
+Progress = Callable[[ScanStats], None]
+
+
+def scan_directory(
+    source: str | os.PathLike[str],
+    options: ScanOptions = ScanOptions(),
+    store: ObjectStore | None = None,
+    *,
+    progress: Progress | None = None,
+    stats: ScanStats | None = None,
+) -> Tree:
+    """Read the tree below ``source`` (its root is ``source`` itself)."""
+    if options.skip_xattrs and options.user_xattrs:
+        raise TreeError(errno.EINVAL, "skip_xattrs and user_xattrs exclude each other")
+    stats = stats if stats is not None else ScanStats()
+    root_path = os.fsencode(source)
+    jobs: list[tuple[Inode, bytes]] = []
+    root = _load(root_path, options, jobs, {}, stats)
+    if root is None or root.entries is None:
+        raise ScanError(root_path, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+    tree = Tree(root)
+    seen: dict[tuple[int, int], Inode] = {}
+    stack: list[tuple[Inode, bytes]] = [(root, root_path)]
+    while stack:
+        directory, path = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                names = [e.name for e in it]
+        except OSError as e:
+            raise ScanError(path, e) from None
+        for name in names:
+            child_path = path + b"/" + name
+            child = _load(child_path, options, jobs, seen, stats)
+            if child is None:
+                continue
+            assert directory.entries is not None
+            directory.add(name, child)
+            if child.entries is not None:
+                stack.append((child, child_path))
+    _hash_all(jobs, options.threads, store, stats, progress)
+    return tree
+
+
+def _load(
+    path: bytes,
+    options: ScanOptions,
+    jobs: list[tuple[Inode, bytes]],
+    seen: dict[tuple[int, int], Inode],
+    stats: ScanStats,
+) -> Inode | None:
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise ScanError(path, e) from None
+    mode = st.st_mode
+    ftype = mode & S_IFMT
+    if options.skip_devices and ftype in (S_IFCHR, S_IFBLK):
+        return None
+    if options.hardlinks and ftype != stat.S_IFDIR and st.st_nlink > 1:
+        known = seen.get((st.st_dev, st.st_ino))
+        if known is not None:
+            known.nlink += 1
+            return known
+    node = Inode(
+        mode,
+        1,
+        st.st_uid,
+        st.st_gid,
+        st.st_rdev if ftype in (S_IFCHR, S_IFBLK) else 0,
+        st.st_size,
+        0 if options.use_epoch else st.st_mtime_ns // 1_000_000_000,
+        0 if options.use_epoch else st.st_mtime_ns % 1_000_000_000,
+    )
+    if options.hardlinks and ftype != stat.S_IFDIR and st.st_nlink > 1:
+        seen[(st.st_dev, st.st_ino)] = node
+    stats.files += 1
+    try:
+        if ftype == stat.S_IFLNK:
+            node.payload = os.readlink(path)
+        elif ftype == stat.S_IFREG and st.st_size > 0:
+            stats.bytes += st.st_size
+            jobs.append((node, path))
+            if st.st_size <= INLINE_MAX:
+                with open(path, "rb") as f:
+                    node.content = f.read(INLINE_MAX + 1)
+                if len(node.content) != st.st_size:
+                    raise OSError(errno.EIO, "file changed size while it was read")
+        if not options.skip_xattrs:
+            for key in os.listxattr(path, follow_symlinks=False):
+                if options.user_xattrs and not key.startswith("user."):
+                    continue
+                value = os.getxattr(path, key, follow_symlinks=False)
+                node.set_xattr(os.fsencode(key), value)
+    except (OSError, TreeError) as e:
+        raise ScanError(path, e) from None
+    return node
+
+
+def _digest_path(path: bytes) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        return fsverity.digest_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest_batch(paths: list[bytes]) -> list[bytes | OSError]:
+    out: list[bytes | OSError] = []
+    for p in paths:
+        try:
+            out.append(_digest_path(p))
+        except OSError as e:
+            out.append(e)
+    return out
+
+
+def _digests(paths: list[bytes], threads: int) -> Iterator[bytes | OSError]:
+    """Digests in order, computed in ``threads`` processes when there is enough to do."""
+    if threads <= 1 or len(paths) < 2 * _BATCH:
+        yield from _digest_batch(paths)
+        return
+    pool = _process_pool(threads)
+    with pool:
+        batches = [paths[i : i + _BATCH] for i in range(0, len(paths), _BATCH)]
+        for result in pool.map(_digest_batch, batches):
+            yield from result
+
+
+def _process_pool(workers: int) -> Executor:
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=fsverity._fork_context())
+
+
+def _hash_all(
+    jobs: list[tuple[Inode, bytes]],
+    threads: int,
+    store: ObjectStore | None,
+    stats: ScanStats,
+    progress: Progress | None,
+) -> None:
+    writer = store.writer() if store is not None else None
+    try:
+        paths = [p for _node, p in jobs]
+        for (node, path), digest in zip(jobs, _digests(paths, threads), strict=True):
+            if isinstance(digest, OSError):
+                raise ScanError(path, digest)
+            node.digest = digest
+            node.payload = object_name(digest).encode()
+            stats.hashed_files += 1
+            stats.hashed_bytes += node.size
+            if writer is not None and node.content is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                    try:
+                        if os.fstat(fd).st_size != node.size:
+                            raise OSError(errno.EIO, "file changed while it was read")
+                        writer.add_fd(fd, digest)
+                    finally:
+                        os.close(fd)
+                except OSError as e:
+                    raise ScanError(path, e) from None
+            if progress is not None:
+                progress(stats)
+        if writer is not None:
+            writer.commit()
+            stats.objects_added = writer.added
+            stats.objects_reused = writer.reused
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise

@@ -1,0 +1,180 @@
+"""mkcomposefs from a directory: the scan rules, the object store, the command line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from composefs import fsverity
+from composefs.erofs.reader import load_tree
+from composefs.erofs.writer import build_image
+from composefs.objects import ObjectStore
+from composefs.scan import ScanError, ScanOptions, scan_directory
+
+BIN = Path(sys.executable).parent
+IS_ROOT = os.geteuid() == 0
+
+
+def make_tree(root: Path) -> Path:
+    """A tree with every file type the scan handles (devices only as root)."""
+    (root / "a").mkdir(parents=True)
+    (root / "b" / "c").mkdir(parents=True)
+    (root / "a" / "small").write_bytes(b"hello\n")
+    (root / "a" / "sixty-four").write_bytes(b"x" * 64)
+    (root / "a" / "sixty-five").write_bytes(b"x" * 65)
+    (root / "a" / "big").write_bytes(os.urandom(100_000))
+    (root / "a" / "empty").write_bytes(b"")
+    (root / "b" / "c" / "big-copy").write_bytes((root / "a" / "big").read_bytes())
+    os.link(root / "a" / "big", root / "a" / "big-hardlink")
+    (root / "b" / "link").symlink_to("../a/big")
+    os.mkfifo(root / "b" / "fifo")
+    with (root / "b" / "sparse").open("wb") as f:
+        f.truncate(10 << 20)
+        f.seek(10 << 20)
+        f.write(b"end")
+    (root / ("n" * 255)).write_bytes(b"long name")
+    (root / os.fsdecode(b"\xff\xfe-not-utf8")).write_bytes(b"bytes name")
+    os.setxattr(root / "a" / "small", "user.note", b"a=b c")
+    if IS_ROOT:
+        os.setxattr(root / "a" / "big", "trusted.overlay.redirect", b"/escaped")
+        os.mknod(root / "b" / "chr", 0o600 | 0o020000, os.makedev(1, 3))
+        os.mknod(root / "b" / "whiteout", 0o600 | 0o020000, os.makedev(0, 0))
+    return root
+
+
+def test_scan_rules(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    tree = scan_directory(src)
+    small = tree.lookup(b"/a/small")
+    assert small is not None and small.content == b"hello\n" and small.nlink == 1
+    assert small.xattrs[b"user.note"] == b"a=b c"
+    assert tree.lookup(b"/a/sixty-four").content == b"x" * 64  # type: ignore[union-attr]
+    ext = tree.lookup(b"/a/sixty-five")
+    assert ext is not None and ext.content is None
+    assert ext.digest == fsverity.digest(b"x" * 65)
+    assert ext.payload == (ext.digest.hex()[:2] + "/" + ext.digest.hex()[2:]).encode()
+    assert tree.lookup(b"/a/empty").payload is None  # type: ignore[union-attr]
+    # without --hardlinks every name is its own inode, as in the reference
+    assert tree.lookup(b"/a/big") is not tree.lookup(b"/a/big-hardlink")
+    assert tree.lookup(b"/b/link").payload == b"../a/big"  # type: ignore[union-attr]
+    image = build_image(tree)
+    assert load_tree(image).lookup(b"/a/sixty-five").digest == ext.digest  # type: ignore[union-attr]
+
+
+def test_options(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    epoch = scan_directory(src, ScanOptions(use_epoch=True))
+    assert all(n.mtime_sec == 0 and n.mtime_nsec == 0 for _p, n in epoch.walk())
+    assert not any(n.xattrs for _p, n in scan_directory(src, ScanOptions(skip_xattrs=True)).walk())
+    linked = scan_directory(src, ScanOptions(hardlinks=True))
+    big = linked.lookup(b"/a/big")
+    assert big is linked.lookup(b"/a/big-hardlink") and big is not None and big.nlink == 2
+    if IS_ROOT:
+        no_dev = scan_directory(src, ScanOptions(skip_devices=True))
+        assert no_dev.lookup(b"/b/chr") is None and no_dev.lookup(b"/b/whiteout") is None
+        user = scan_directory(src, ScanOptions(user_xattrs=True))
+        assert b"trusted.overlay.redirect" not in user.lookup(b"/a/big").xattrs  # type: ignore[union-attr]
+
+
+def test_object_store(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    store = ObjectStore(tmp_path / "store")
+    tree = scan_directory(src, ScanOptions(threads=2), store)
+    expected = {n.payload for _p, n in tree.walk() if n.payload and n.content is None and n.digest}
+    found = {
+        f"{d.name}/{f.name}".encode()
+        for d in (tmp_path / "store").iterdir()
+        if d.is_dir()
+        for f in d.iterdir()
+    }
+    assert found == expected  # exactly the objects the image references
+    assert not [p for p in (tmp_path / "store").iterdir() if p.name.startswith(".tmp")]
+    for obj in found:
+        path = tmp_path / "store" / os.fsdecode(obj)
+        assert fsverity.digest_file(path).hex() == obj.decode().replace("/", "")
+        assert path.stat().st_mode & 0o777 == 0o644
+    # a second run reuses every object
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file()}
+    scan_directory(src, ScanOptions(), store)
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "store").rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ScanError, match=r"error accessing .*nope: No such file"):
+        scan_directory(tmp_path / "nope")
+
+
+def test_cli_directory_source(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    out = tmp_path / "out.img"
+    r = subprocess.run(
+        [
+            str(BIN / "mkcomposefs"),
+            f"--digest-store={tmp_path / 'store'}",
+            "--print-digest",
+            str(src),
+            str(out),
+        ],
+        capture_output=True,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().strip() == fsverity.digest(out.read_bytes()).hex()
+    missing = subprocess.run(
+        [
+            str(BIN / "composefs-info"),
+            f"--basedir={tmp_path / 'store'}",
+            "missing-objects",
+            str(out),
+        ],
+        capture_output=True,
+    )
+    assert missing.returncode == 0 and missing.stdout == b""
+
+
+REFERENCE = shutil.which("mkcomposefs")
+if REFERENCE and Path(REFERENCE).resolve().parent == BIN.resolve():
+    REFERENCE = None
+
+
+@pytest.mark.skipif(REFERENCE is None, reason="reference mkcomposefs not on PATH")
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        ["--use-epoch"],
+        ["--skip-devices"],
+        ["--skip-xattrs"],
+        ["--user-xattrs"],
+        ["--min-version=1"],
+    ],
+)
+def test_same_image_and_store_as_reference(options: list[str], tmp_path: Path) -> None:
+    assert REFERENCE is not None
+    src = make_tree(tmp_path / "src")
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    a = subprocess.run(
+        [
+            str(BIN / "mkcomposefs"),
+            *options,
+            f"--digest-store={tmp_path / 's1'}",
+            str(src),
+            str(ours),
+        ],
+        capture_output=True,
+    )
+    b = subprocess.run(
+        [REFERENCE, *options, f"--digest-store={tmp_path / 's2'}", str(src), str(theirs)],
+        capture_output=True,
+    )
+    assert a.returncode == b.returncode == 0, (a.stderr, b.stderr)
+    assert ours.read_bytes() == theirs.read_bytes()
+    ls = sorted(p.relative_to(tmp_path / "s1") for p in (tmp_path / "s1").rglob("*") if p.is_file())
+    assert ls == sorted(
+        p.relative_to(tmp_path / "s2") for p in (tmp_path / "s2").rglob("*") if p.is_file()
+    )
