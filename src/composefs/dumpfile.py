@@ -108,19 +108,20 @@ _ESCAPE_XATTR = re.compile(rb"[^\x21-\x3c\x3e-\x5b\x5d-\x7e]")
 _ESCAPED = {0x5C: b"\\\\", 0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t"}
 
 
-def _escape_match(m: re.Match[bytes]) -> bytes:
+def escape_match(m: re.Match[bytes]) -> bytes:
+    """``re.sub`` replacement for one byte that must be escaped (dumpfile.md §2.2)."""
     c = m.group()[0]
     return _ESCAPED.get(c) or b"\\x%02x" % c
 
 
 def escape(value: bytes) -> bytes:
     """Escape a PATH, PAYLOAD or CONTENT field (``=`` left as is)."""
-    return _ESCAPE_FIELD.sub(_escape_match, value)
+    return _ESCAPE_FIELD.sub(escape_match, value)
 
 
 def escape_xattr(value: bytes) -> bytes:
     """Escape an xattr name or value (``=`` also escaped)."""
-    return _ESCAPE_XATTR.sub(_escape_match, value)
+    return _ESCAPE_XATTR.sub(escape_match, value)
 
 
 # -- numbers --------------------------------------------------------------------------------
@@ -596,7 +597,7 @@ def iter_lines(tree: Tree) -> Iterator[bytes]:
     first_path: dict[int, bytes] = {}
     esc = _ESCAPE_FIELD.sub
     esc_x = _ESCAPE_XATTR.sub
-    repl = _escape_match
+    repl = escape_match
     root = tree.root
     for path, node in tree.walk():
         seen = first_path.get(id(node))

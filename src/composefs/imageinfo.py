@@ -10,18 +10,11 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 
-from composefs.dumpfile import iter_lines
+from composefs.dumpfile import escape, escape_match, iter_lines
 from composefs.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Tree
 
 # `ls` escapes like the dump format, but leaves spaces alone (printable, not graphic).
 _LS_PATH = re.compile(rb"[^\x20-\x5b\x5d-\x7e]")
-_STANDARD = re.compile(rb"[^\x21-\x5b\x5d-\x7e]")
-_SPECIAL = {0x5C: b"\\\\", 0x0A: b"\\n", 0x0D: b"\\r", 0x09: b"\\t"}
-
-
-def _escape_match(m: re.Match[bytes]) -> bytes:
-    c = m.group()[0]
-    return _SPECIAL.get(c) or b"\\x%02x" % c
 
 
 def ls_lines(tree: Tree) -> Iterator[bytes]:
@@ -32,11 +25,10 @@ def ls_lines(tree: Tree) -> Iterator[bytes]:
     """
     seen: set[int] = set()
     sub_path = _LS_PATH.sub
-    sub = _STANDARD.sub
     for path, node in tree.walk():
         if node is tree.root and path == b"/":
             continue
-        name = sub_path(_escape_match, path)
+        name = sub_path(escape_match, path)
         if id(node) in seen:
             yield name + b"\n"
             continue
@@ -45,9 +37,9 @@ def ls_lines(tree: Tree) -> Iterator[bytes]:
         if ftype == S_IFDIR:
             yield name + b"/\t\n"
         elif ftype == S_IFLNK:
-            yield name + b"\t-> " + sub(_escape_match, node.payload or b"") + b"\n"
+            yield name + b"\t-> " + escape(node.payload or b"") + b"\n"
         elif ftype == S_IFREG and node.payload is not None:
-            yield name + b"\t@ " + sub(_escape_match, node.payload) + b"\n"
+            yield name + b"\t@ " + escape(node.payload) + b"\n"
         else:
             yield name + b"\n"
 

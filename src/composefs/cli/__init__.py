@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 
@@ -28,6 +28,22 @@ class ToolArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(1, f"{self.prog}: {message}\n")
+
+
+def run_tool(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    run: Callable[[argparse.Namespace], int],
+) -> int:
+    """Parse (options may follow operands, as with getopt) and run; usage errors exit 1."""
+    args = parser.parse_intermixed_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        sys.stderr.write(f"{e}\n")
+        if e.usage:
+            parser.print_usage(sys.stderr)
+        return 1
 
 
 def fail(prog: str, message: str, status: int = 1) -> int:

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable, Sequence
 
 from composefs import imageinfo
-from composefs.cli import ToolArgumentParser, UsageError, console_entry, fail
+from composefs.cli import ToolArgumentParser, UsageError, console_entry, fail, run_tool
 from composefs.erofs.reader import Image
 from composefs.errors import FormatError
 from composefs.tree import Tree
@@ -40,15 +40,7 @@ def _parser() -> ToolArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_intermixed_args(argv)
-    try:
-        return _run(args)
-    except UsageError as e:
-        sys.stderr.write(f"{e}\n")
-        if e.usage:
-            parser.print_usage(sys.stderr)
-        return 1
+    return run_tool(_parser(), argv, _run)
 
 
 def _write(lines: Iterable[bytes]) -> None:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from composefs import dumpfile, fsverity
-from composefs.cli import ToolArgumentParser, UsageError, console_entry, fail
+from composefs.cli import ToolArgumentParser, UsageError, console_entry, fail, run_tool
 from composefs.erofs.writer import build_image
 from composefs.errors import DumpfileError, TreeError
 from composefs.fsutil import write_atomic
@@ -67,15 +67,7 @@ def _version(value: str | None, which: str) -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_intermixed_args(argv)
-    try:
-        return _run(args)
-    except UsageError as e:
-        sys.stderr.write(f"{e}\n")
-        if e.usage:
-            parser.print_usage(sys.stderr)
-        return 1
+    return run_tool(_parser(), argv, _run)
 
 
 def _run(a: argparse.Namespace) -> int:
