@@ -157,11 +157,6 @@ class Image:
     def _error(self, message: str, offset: int | None = None) -> FormatError:
         return FormatError(f"{self.name}: {message}", offset=offset)
 
-    def _bytes(self, offset: int, length: int, what: str) -> bytes:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise self._error(f"{what} lies outside the image", offset)
-        return self._data[offset : offset + length]
-
     def _read_header(self) -> Header:
         if self.size < BLOCK_SIZE:
             raise self._error(f"image of {self.size} bytes is too small (at least one block)")
