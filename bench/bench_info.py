@@ -12,38 +12,23 @@ from __future__ import annotations
 import argparse
 import gzip
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from measure import CS9_DUMP, measure
+
 from composefs import dumpfile
 from composefs.erofs.reader import Image
 from composefs.erofs.writer import build_image
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DUMP = REPO.parent / "shared/testdata/upstream/cs9-x86_64-developer.dump.gz"
 LOOKUP_PATH = b"/usr/etc/NetworkManager/dispatcher.d/pre-up.d"
-
-
-def measure(cmd: list[str]) -> tuple[float, float, bytes]:
-    """Wall and CPU seconds of one run, and its output."""
-    code = (
-        "import resource,subprocess,sys,time;t=time.perf_counter();"
-        "out=subprocess.run(sys.argv[1:],check=True,capture_output=True).stdout;"
-        "w=time.perf_counter()-t;r=resource.getrusage(resource.RUSAGE_CHILDREN);"
-        "sys.stdout.buffer.write(b'%f %f\\n' % (w, r.ru_utime+r.ru_stime) + out)"
-    )
-    res = subprocess.run([sys.executable, "-c", code, *cmd], check=True, capture_output=True)
-    head, _, out = res.stdout.partition(b"\n")
-    wall, cpu = head.split()
-    return float(wall), float(cpu), out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dump", type=Path, default=DEFAULT_DUMP)
+    ap.add_argument("--dump", type=Path, default=CS9_DUMP)
     ap.add_argument("--reference", help="path of the reference composefs-info")
     ap.add_argument("--ours", default=str(Path(sys.executable).parent / "composefs-info"))
     ap.add_argument("--runs", type=int, default=5)
@@ -67,7 +52,7 @@ def main() -> int:
             outputs = {}
             for _ in range(args.runs):
                 for name, exe in tools.items():
-                    wall, cpu, out = measure([exe, *extra, str(image)])
+                    wall, cpu, _rss, out = measure([exe, *extra, str(image)])
                     w0, c0 = best.get(name, (wall, cpu))
                     best[name] = (min(wall, w0), min(cpu, c0))
                     outputs[name] = out

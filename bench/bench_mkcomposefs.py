@@ -12,35 +12,16 @@ import argparse
 import gzip
 import hashlib
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DUMP = REPO.parent / "shared/testdata/upstream/cs9-x86_64-developer.dump.gz"
-
-
-def measure(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall time, CPU time (user + system) and peak RSS (KiB) of one run.
-
-    ru_maxrss of RUSAGE_CHILDREN is a high-water mark over all children, so each run goes
-    through a fresh wrapper process that reports its only child's peak.
-    """
-    code = (
-        "import resource,subprocess,sys,time;t=time.perf_counter();"
-        "subprocess.run(sys.argv[1:],check=True,stdout=subprocess.DEVNULL);"
-        "w=time.perf_counter()-t;r=resource.getrusage(resource.RUSAGE_CHILDREN);"
-        "print(w, r.ru_utime+r.ru_stime, r.ru_maxrss)"
-    )
-    out = subprocess.run([sys.executable, "-c", code, *cmd], check=True, capture_output=True)
-    wall, cpu, rss = out.stdout.split()
-    return float(wall), float(cpu), int(rss)
+from measure import CS9_DUMP, REPO, measure
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dump", type=Path, default=DEFAULT_DUMP)
+    ap.add_argument("--dump", type=Path, default=CS9_DUMP)
     ap.add_argument("--reference", help="path of the reference mkcomposefs")
     ap.add_argument("--ours", default=shutil.which("mkcomposefs", path=str(REPO / ".venv/bin")))
     ap.add_argument("--runs", type=int, default=5)
@@ -60,7 +41,7 @@ def main() -> int:
         for _ in range(args.runs):
             for name, exe in tools.items():
                 out = Path(tmp) / f"{name}.img"
-                wall, cpu, rss = measure([exe, "--from-file", str(dump), str(out)])
+                wall, cpu, rss, _out = measure([exe, "--from-file", str(dump), str(out)])
                 w0, c0, r0 = best.get(name, (wall, cpu, rss))
                 best[name] = (min(wall, w0), min(cpu, c0), max(rss, r0))
                 digests[name] = hashlib.sha256(out.read_bytes()).hexdigest()
