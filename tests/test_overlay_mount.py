@@ -38,7 +38,7 @@ def composefs_mount(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    src = make_tree(tmp_path / "src")
+    src = make_tree(tmp_path / "src", big=True)
     store, image = tmp_path / "store", tmp_path / "image.img"
     r = subprocess.run(
         [str(BIN / "mkcomposefs"), f"--digest-store={store}", str(src), str(image)],
@@ -84,7 +84,7 @@ def _holds_whiteout(directory: Path) -> bool:
 def _xattrs(path: Path) -> dict[str, bytes]:
     out = {}
     for name in os.listxattr(path, follow_symlinks=False):
-        if name.startswith("security."):
+        if name == "security.selinux":
             continue  # the kernel may label either side
         out[name] = os.getxattr(path, name, follow_symlinks=False)
     return out
@@ -120,7 +120,7 @@ def test_mounted_tree_equals_source(composefs_mount: tuple[Path, Path]) -> None:
                         seen.pop(key, None)
                 assert seen == _xattrs(a), b
             checked += 1
-    assert checked >= 15
+    assert checked >= 3000
 
 
 def test_second_image_shares_objects(composefs_mount: tuple[Path, Path], tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,27 @@ BIN = Path(sys.executable).parent
 IS_ROOT = os.geteuid() == 0
 
 
-def make_tree(root: Path) -> Path:
-    """A tree with every file type the scan handles (devices only as root)."""
+# A valid POSIX ACL xattr value: version 2, then (tag, perm, id) entries for user::rw-,
+# user:1000:r--, group::r--, mask::rw-, other::r--.
+ACL_ACCESS = struct.pack("<I", 2) + b"".join(
+    struct.pack("<HHI", tag, perm, ident)
+    for tag, perm, ident in (
+        (1, 6, 0xFFFFFFFF),
+        (2, 4, 1000),
+        (4, 4, 0xFFFFFFFF),
+        (0x10, 6, 0xFFFFFFFF),
+        (0x20, 4, 0xFFFFFFFF),
+    )
+)
+# A valid security.capability value (VFS_CAP_REVISION_2): cap_net_bind_service, permitted.
+CAPABILITY = struct.pack("<IIIII", 0x02000000, 1 << 10, 0, 0, 0)
+
+
+def make_tree(root: Path, *, big: bool = False) -> Path:
+    """A tree with every file type the scan handles (devices only as root).
+
+    ``big`` adds a directory of 3000 entries and a 40-level deep path.
+    """
     (root / "a").mkdir(parents=True)
     (root / "b" / "c").mkdir(parents=True)
     (root / "a" / "small").write_bytes(b"hello\n")
@@ -40,8 +61,18 @@ def make_tree(root: Path) -> Path:
     (root / ("n" * 255)).write_bytes(b"long name")
     (root / os.fsdecode(b"\xff\xfe-not-utf8")).write_bytes(b"bytes name")
     os.setxattr(root / "a" / "small", "user.note", b"a=b c")
+    os.setxattr(root / "a" / "sixty-five", "system.posix_acl_access", ACL_ACCESS)
+    if big:
+        many = root / "many"
+        many.mkdir()
+        for i in range(3000):
+            (many / f"f{i:05d}").write_bytes(b"%d\n" % i)
+        deep = root.joinpath(*(["d"] * 40))
+        deep.mkdir(parents=True)
+        (deep / "bottom").write_bytes(b"deep" * 100)
     if IS_ROOT:
         os.setxattr(root / "a" / "big", "trusted.overlay.redirect", b"/escaped")
+        os.setxattr(root / "a" / "big", "security.capability", CAPABILITY)
         os.mknod(root / "b" / "chr", 0o600 | 0o020000, os.makedev(1, 3))
         os.mknod(root / "b" / "whiteout", 0o600 | 0o020000, os.makedev(0, 0))
     return root
@@ -178,3 +209,76 @@ def test_same_image_and_store_as_reference(options: list[str], tmp_path: Path) -
     assert ls == sorted(
         p.relative_to(tmp_path / "s2") for p in (tmp_path / "s2").rglob("*") if p.is_file()
     )
+
+
+def test_two_writers_fill_one_store_at_once(tmp_path: Path) -> None:
+    """Two mkcomposefs processes filling the same store at the same time both succeed."""
+    one = make_tree(tmp_path / "one")
+    two = make_tree(tmp_path / "two")
+    (two / "a" / "only-in-two").write_bytes(os.urandom(5000))
+    store = tmp_path / "store"
+    procs = [
+        subprocess.Popen(
+            [
+                str(BIN / "mkcomposefs"),
+                f"--digest-store={store}",
+                str(src),
+                str(tmp_path / f"{src.name}.img"),
+            ],
+            stderr=subprocess.PIPE,
+        )
+        for src in (one, two, one, two)
+    ]
+    for p in procs:
+        _out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    objects = [p for p in store.rglob("*") if p.is_file()]
+    assert not [p for p in store.iterdir() if p.name.startswith(".tmp")]
+    for obj in objects:
+        assert fsverity.digest_file(obj).hex() == obj.parent.name + obj.name
+    for name in ("one", "two"):
+        listed = subprocess.run(
+            [
+                str(BIN / "composefs-info"),
+                f"--basedir={store}",
+                "missing-objects",
+                str(tmp_path / f"{name}.img"),
+            ],
+            capture_output=True,
+        )
+        assert listed.returncode == 0 and listed.stdout == b""
+
+
+@pytest.mark.skipif(
+    not IS_ROOT or shutil.which("setpriv") is None,
+    reason="needs root to switch to nobody (setpriv)",
+)
+def test_unprivileged_build() -> None:
+    """An ordinary user builds an image and store from a tree it can read."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="cfs-nobody-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        src = make_tree(base / "src")
+        for dirpath, dirnames, filenames in os.walk(src):
+            for name in [*dirnames, *filenames]:
+                path = Path(dirpath) / name
+                if not path.is_symlink() and not stat.S_ISCHR(path.lstat().st_mode):
+                    path.chmod(0o755 if path.is_dir() else 0o644)
+        out = base / "out"
+        out.mkdir()
+        os.chown(out, 65534, 65534)
+        r = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             str(BIN / "mkcomposefs"), f"--digest-store={out / 'store'}", str(src), str(out / "img")],
+            capture_output=True,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert (out / "img").stat().st_uid == 65534
+        tree = load_tree(out / "img")
+        big = tree.lookup(b"/a/big")
+        assert big is not None and (out / "store" / os.fsdecode(big.payload or b"")).exists()
+        assert b"trusted.overlay.redirect" not in big.xattrs  # trusted.* is invisible to users
+    finally:
+        shutil.rmtree(base)
