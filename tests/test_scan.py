@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import stat
@@ -16,7 +17,8 @@ from composefs import fsverity
 from composefs.erofs.reader import load_tree
 from composefs.erofs.writer import build_image
 from composefs.objects import ObjectStore
-from composefs.scan import ScanError, ScanOptions, scan_directory
+from composefs.progress import Progress
+from composefs.scan import ScanError, ScanOptions, ScanStats, scan_directory
 
 BIN = Path(sys.executable).parent
 IS_ROOT = os.geteuid() == 0
@@ -282,3 +284,27 @@ def test_unprivileged_build() -> None:
         assert b"trusted.overlay.redirect" not in big.xattrs  # trusted.* is invisible to users
     finally:
         shutil.rmtree(base)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_on_a_terminal_only(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    shown = _Terminal()
+    bar = Progress("hashing", shown, delay=0, rate=1e9)
+    quiet = io.StringIO()
+    silent = Progress("hashing", quiet, delay=0, rate=1e9)
+
+    def progress(stats: ScanStats) -> None:
+        bar.update(stats.hashed_files, stats.to_hash, stats.hashed_bytes, stats.bytes)
+        silent.update(stats.hashed_files, stats.to_hash, stats.hashed_bytes, stats.bytes)
+
+    stats = ScanStats()
+    scan_directory(src, progress=progress, stats=stats)
+    bar.done()
+    assert f"{stats.to_hash}/{stats.to_hash} files" in shown.getvalue()
+    assert shown.getvalue().endswith("\r\x1b[K")  # the line is cleared at the end
+    assert quiet.getvalue() == ""

@@ -135,7 +135,8 @@ def _from_directory(
     digest_only: bool,
 ) -> int:
     from composefs.objects import ObjectStore
-    from composefs.scan import ScanError, ScanOptions, scan_directory
+    from composefs.progress import Progress
+    from composefs.scan import ScanError, ScanOptions, ScanStats, scan_directory
 
     threads = int(a.threads) if a.threads is not None else len(os.sched_getaffinity(0))
     options = ScanOptions(
@@ -150,8 +151,16 @@ def _from_directory(
         store = ObjectStore(a.digest_store) if a.digest_store else None
     except OSError as e:
         return fail(PROG, f"cannot fill store: {e.strerror}")
+    bar = Progress("hashing" if store is None else "hashing and storing")
+
+    def progress(stats: ScanStats) -> None:
+        bar.update(stats.hashed_files, stats.to_hash, stats.hashed_bytes, stats.bytes)
+
     try:
-        tree = scan_directory(source, options, store)
+        try:
+            tree = scan_directory(source, options, store, progress=progress)
+        finally:
+            bar.done()
         image = build_image(tree, min_version=min_v, max_version=max_v)
     except ScanError as e:
         return fail(PROG, str(e))
