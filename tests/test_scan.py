@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from composefs import fsverity
+from composefs import scan as scan_module
 from composefs.erofs.reader import load_tree
 from composefs.erofs.writer import build_image
 from composefs.objects import ObjectStore
@@ -308,3 +310,26 @@ def test_progress_on_a_terminal_only(tmp_path: Path) -> None:
     assert f"{stats.to_hash}/{stats.to_hash} files" in shown.getvalue()
     assert shown.getvalue().endswith("\r\x1b[K")  # the line is cleared at the end
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_failed_run_leaves_no_temporary_files(
+    threads: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan that fails half-way removes everything it staged; no object appears."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(400):
+        (src / f"f{i:03d}").write_bytes(os.urandom(100) + b"%d" % i)
+    real = scan_module._hash_file
+
+    def failing(path: bytes, store_dir: str | None, token: str) -> tuple[bytes, str | None]:
+        if path.endswith(b"f399"):
+            raise OSError(errno.EIO, "simulated read error")
+        return real(path, store_dir, token)
+
+    monkeypatch.setattr(scan_module, "_hash_file", failing)  # workers are forked: they see it
+    store = ObjectStore(tmp_path / "store")
+    with pytest.raises(ScanError, match="f399: simulated read error"):
+        scan_directory(src, ScanOptions(threads=threads), store)
+    assert list((tmp_path / "store").iterdir()) == []

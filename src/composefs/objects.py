@@ -15,8 +15,8 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import itertools
 import os
-import tempfile
 from pathlib import Path
 from types import TracebackType
 
@@ -70,6 +70,33 @@ def copy_file(src_fd: int, dst_fd: int) -> None:
         offset += len(chunk)
 
 
+_tmp_counter = itertools.count()
+
+
+def stage_copy(store_dir: str, src_fd: int, token: str) -> str:
+    """Copy ``src_fd`` into a new temporary file in the store; returns its path.
+
+    Any process may call this (the scan's workers do).  The name carries the writer's
+    ``token``, so that :meth:`ObjectWriter.abort` can remove every file a failed run staged.
+    """
+    while True:
+        tmp = os.path.join(store_dir, f".tmp-{token}-{os.getpid()}-{next(_tmp_counter)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            break
+        except FileExistsError:
+            continue
+    try:
+        copy_file(src_fd, fd)
+        os.fchmod(fd, OBJECT_MODE)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
 class ObjectStore:
     """A directory of objects named by fs-verity digest."""
 
@@ -96,26 +123,45 @@ class ObjectWriter:
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
         self._pending: dict[bytes, str] = {}  # digest -> temporary path
+        # names present in each XX/ directory, listed once when first needed: far cheaper
+        # than one lstat per file when most objects are already there
+        self._present: dict[str, frozenset[str]] = {}
         self.added = 0
         self.reused = 0
+        self.token = os.urandom(6).hex()  # names this writer's temporary files
+
+    def contains(self, digest: bytes) -> bool:
+        """Whether the object is in the store (as listed when its directory was first read)."""
+        h = digest.hex()
+        names = self._present.get(h[:2])
+        if names is None:
+            try:
+                names = frozenset(os.listdir(self.store.path / h[:2]))
+            except FileNotFoundError:
+                names = frozenset()
+            self._present[h[:2]] = names
+        return h[2:] in names
 
     def add_fd(self, src_fd: int, digest: bytes) -> bool:
-        """Stage the content of ``src_fd`` as object ``digest``; False if already present."""
-        if digest in self._pending or digest in self.store:
+        """Stage the content of ``src_fd`` as object ``digest``; False if already present.
+
+        An object added by another writer since this one listed its directory is written
+        again and renamed over the existing one: the same content, so no harm.
+        """
+        if digest in self._pending or self.contains(digest):
             self.reused += 1
             return False
-        fd, tmp = tempfile.mkstemp(dir=self.store.path, prefix=".tmp")
-        try:
-            copy_file(src_fd, fd)
-            os.fchmod(fd, OBJECT_MODE)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
+        self.adopt(digest, stage_copy(os.fspath(self.store.path), src_fd, self.token))
+        return True
+
+    def adopt(self, digest: bytes, tmp: str) -> None:
+        """Take over a temporary file staged by :func:`stage_copy` as object ``digest``."""
+        if digest in self._pending:
+            os.unlink(tmp)  # staged twice (by two workers): keep one
+            self.reused += 1
+            return
         self._pending[digest] = tmp
         self.added += 1
-        return True
 
     def commit(self) -> None:
         """Make staged objects durable (one syncfs), enable fs-verity, rename into place."""
@@ -126,14 +172,19 @@ class ObjectWriter:
             _syncfs(root_fd)
         finally:
             os.close(root_fd)
-        dirs: set[Path] = set()
+        root = os.fspath(self.store.path)
+        dirs: set[str] = set()
+        verity = True
         for digest, tmp in self._pending.items():
-            _try_enable_verity(tmp)
-            final = self.store.object_path(digest)
-            final.parent.mkdir(mode=_DIR_MODE, exist_ok=True)
-            os.rename(tmp, final)
-            dirs.add(final.parent)
-        for d in (*dirs, self.store.path):
+            if verity:
+                verity = _try_enable_verity(tmp)  # stop trying where it is unsupported
+            h = digest.hex()
+            directory = os.path.join(root, h[:2])
+            if directory not in dirs:
+                os.makedirs(directory, mode=_DIR_MODE, exist_ok=True)
+                dirs.add(directory)
+            os.rename(tmp, os.path.join(directory, h[2:]))
+        for d in (*dirs, root):
             fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
@@ -142,9 +193,12 @@ class ObjectWriter:
         self._pending.clear()
 
     def abort(self) -> None:
-        for tmp in self._pending.values():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        """Remove everything staged for this writer, adopted or not."""
+        prefix = f".tmp-{self.token}-"
+        for name in os.listdir(self.store.path):
+            if name.startswith(prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.store.path / name)
         self._pending.clear()
 
     def __enter__(self) -> ObjectWriter:
@@ -162,11 +216,12 @@ class ObjectWriter:
             self.abort()
 
 
-def _try_enable_verity(path: str) -> None:
+def _try_enable_verity(path: str) -> bool:
+    """Best effort, like the reference; False when the filesystem cannot do it."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fsverity.enable_verity(fd)
+        return fsverity.enable_verity(fd)
     except OSError:
-        pass  # best effort, like the reference
+        return True  # another reason (e.g. file busy): keep trying on later objects
     finally:
         os.close(fd)

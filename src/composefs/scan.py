@@ -19,13 +19,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from composefs import fsverity
 from composefs.errors import ComposefsError, TreeError
-from composefs.objects import ObjectStore, object_name
+from composefs.objects import ObjectStore, object_name, stage_copy
 from composefs.tree import S_IFBLK, S_IFCHR, S_IFMT, Inode, Tree
 
 if TYPE_CHECKING:
@@ -163,35 +163,54 @@ def _load(
     return node
 
 
-def _digest_path(path: bytes) -> bytes:
+def _hash_file(path: bytes, store_dir: str | None, token: str) -> tuple[bytes, str | None]:
+    """Digest of one file and, with a store, a staged copy of it unless the object exists.
+
+    Runs in the worker processes: the file is open once for both, and its data is read
+    from the page cache the second time.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         # A file with fs-verity already carries its digest: the kernel's measurement is the
         # same value without reading the file.
-        return fsverity.measure_verity(fd) or fsverity.digest_fd(fd)
+        digest = fsverity.measure_verity(fd) or fsverity.digest_fd(fd)
+        if store_dir is None:
+            return digest, None
+        h = digest.hex()
+        if os.path.lexists(os.path.join(store_dir, h[:2], h[2:])):
+            return digest, None
+        return digest, stage_copy(store_dir, fd, token)
     finally:
         os.close(fd)
 
 
-def _digest_batch(paths: list[bytes]) -> list[bytes | OSError]:
-    out: list[bytes | OSError] = []
-    for p in paths:
+_Result = tuple[bytes, str | None] | OSError
+
+
+def _hash_batch(
+    batch: list[tuple[bytes, bool]], store_dir: str | None, token: str
+) -> list[_Result]:
+    out: list[_Result] = []
+    for path, stage in batch:
         try:
-            out.append(_digest_path(p))
+            out.append(_hash_file(path, store_dir if stage else None, token))
         except OSError as e:
             out.append(e)
     return out
 
 
-def _digests(paths: list[bytes], threads: int) -> Iterator[bytes | OSError]:
-    """Digests in order, computed in ``threads`` processes when there is enough to do."""
-    if threads <= 1 or len(paths) < 2 * _BATCH:
-        yield from _digest_batch(paths)
+def _hash_results(
+    work: list[tuple[bytes, bool]], threads: int, store_dir: str | None, token: str
+) -> Generator[_Result, None, None]:
+    """Results in order, computed in ``threads`` processes when there is enough to do."""
+    if threads <= 1 or len(work) < 2 * _BATCH:
+        yield from _hash_batch(work, store_dir, token)
         return
     pool = _process_pool(threads)
     with pool:
-        batches = [paths[i : i + _BATCH] for i in range(0, len(paths), _BATCH)]
-        for result in pool.map(_digest_batch, batches):
+        batches = [work[i : i + _BATCH] for i in range(0, len(work), _BATCH)]
+        n = len(batches)
+        for result in pool.map(_hash_batch, batches, [store_dir] * n, [token] * n):
             yield from result
 
 
@@ -209,27 +228,24 @@ def _hash_all(
     progress: Progress | None,
 ) -> None:
     writer = store.writer() if store is not None else None
+    store_dir = os.fspath(store.path) if store is not None else None
     stats.to_hash = len(jobs)
+    work = [(path, node.content is None) for node, path in jobs]
+    results = _hash_results(work, threads, store_dir, writer.token if writer else "")
     try:
-        paths = [p for _node, p in jobs]
-        for (node, path), digest in zip(jobs, _digests(paths, threads), strict=True):
-            if isinstance(digest, OSError):
-                raise ScanError(path, digest)
+        for (node, path), result in zip(jobs, results, strict=True):
+            if isinstance(result, OSError):
+                raise ScanError(path, result)
+            digest, staged = result
             node.digest = digest
             node.payload = object_name(digest).encode()
             stats.hashed_files += 1
             stats.hashed_bytes += node.size
             if writer is not None and node.content is None:
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-                    try:
-                        if os.fstat(fd).st_size != node.size:
-                            raise OSError(errno.EIO, "file changed while it was read")
-                        writer.add_fd(fd, digest)
-                    finally:
-                        os.close(fd)
-                except OSError as e:
-                    raise ScanError(path, e) from None
+                if staged is not None:
+                    writer.adopt(digest, staged)
+                else:
+                    writer.reused += 1
             if progress is not None:
                 progress(stats)
         if writer is not None:
@@ -237,6 +253,7 @@ def _hash_all(
             stats.objects_added = writer.added
             stats.objects_reused = writer.reused
     except BaseException:
+        results.close()  # waits for the workers: nothing is staged after this
         if writer is not None:
             writer.abort()
         raise
