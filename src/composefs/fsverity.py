@@ -277,13 +277,25 @@ assert _ENABLE_ARG.size == 128
 NO_VERITY_ERRNOS = frozenset({errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTTY})
 
 
-def measure_verity(fd: int) -> bytes | None:
-    """The kernel's fs-verity digest of an open file, or None if verity is not enabled."""
+# Devices whose filesystem answered that it has no fs-verity at all: not asked again.
+_NO_VERITY_DEVICES: set[int] = set()
+
+
+def measure_verity(fd: int, device: int | None = None) -> bytes | None:
+    """The kernel's fs-verity digest of an open file, or None if verity is not enabled.
+
+    With ``device`` (the file's ``st_dev``), a filesystem that does not support fs-verity
+    at all is remembered and not asked again: scans of many files save a failing ioctl each.
+    """
+    if device is not None and device in _NO_VERITY_DEVICES:
+        return None
     buf = bytearray(_MEASURE_HEADER.pack(0, 64) + bytes(64))
     try:
         fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
     except OSError as e:
         if e.errno in NO_VERITY_ERRNOS:
+            if device is not None and e.errno != errno.ENODATA:
+                _NO_VERITY_DEVICES.add(device)
             return None
         raise
     alg, size = _MEASURE_HEADER.unpack_from(buf)

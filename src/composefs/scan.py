@@ -19,17 +19,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from composefs import fsverity
 from composefs.errors import ComposefsError, TreeError
-from composefs.objects import ObjectStore, object_name, stage_copy
+from composefs.objects import ObjectStore, ObjectWriter, object_name, stage_copy
 from composefs.tree import S_IFBLK, S_IFCHR, S_IFMT, Inode, Tree
 
 if TYPE_CHECKING:
-    from concurrent.futures import Executor
+    from concurrent.futures import Executor, Future
 
 INLINE_MAX = 64  # the reference embeds files up to this size
 _BATCH = 64  # files per task handed to a worker process
@@ -80,9 +80,26 @@ def scan_directory(
     if options.skip_xattrs and options.user_xattrs:
         raise TreeError(errno.EINVAL, "skip_xattrs and user_xattrs exclude each other")
     stats = stats if stats is not None else ScanStats()
-    root_path = os.fsencode(source)
-    jobs: list[tuple[Inode, bytes]] = []
-    root = _load(root_path, options, jobs, {}, stats)
+    writer = store.writer() if store is not None else None
+    hasher = _Hasher(
+        options.threads,
+        os.fspath(store.path) if store is not None else None,
+        writer.token if writer is not None else "",
+    )
+    try:
+        tree = _walk(os.fsencode(source), options, hasher, stats)
+        _hash_all(hasher, writer, stats, progress)
+    except BaseException:
+        hasher.close()
+        if writer is not None:
+            writer.abort()
+        raise
+    hasher.close()
+    return tree
+
+
+def _walk(root_path: bytes, options: ScanOptions, hasher: _Hasher, stats: ScanStats) -> Tree:
+    root = _load(root_path, options, hasher, {}, stats)
     if root is None or root.entries is None:
         raise ScanError(root_path, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
     tree = Tree(root)
@@ -97,21 +114,20 @@ def scan_directory(
             raise ScanError(path, e) from None
         for name in names:
             child_path = path + b"/" + name
-            child = _load(child_path, options, jobs, seen, stats)
+            child = _load(child_path, options, hasher, seen, stats)
             if child is None:
                 continue
             assert directory.entries is not None
             directory.add(name, child)
             if child.entries is not None:
                 stack.append((child, child_path))
-    _hash_all(jobs, options.threads, store, stats, progress)
     return tree
 
 
 def _load(
     path: bytes,
     options: ScanOptions,
-    jobs: list[tuple[Inode, bytes]],
+    hasher: _Hasher,
     seen: dict[tuple[int, int], Inode],
     stats: ScanStats,
 ) -> Inode | None:
@@ -146,12 +162,12 @@ def _load(
             node.payload = os.readlink(path)
         elif ftype == stat.S_IFREG and st.st_size > 0:
             stats.bytes += st.st_size
-            jobs.append((node, path))
             if st.st_size <= INLINE_MAX:
                 with open(path, "rb") as f:
                     node.content = f.read(INLINE_MAX + 1)
                 if len(node.content) != st.st_size:
                     raise OSError(errno.EIO, "file changed size while it was read")
+            hasher.add(node, path)
         if not options.skip_xattrs:
             for key in os.listxattr(path, follow_symlinks=False):
                 if options.user_xattrs and not key.startswith("user."):
@@ -173,7 +189,8 @@ def _hash_file(path: bytes, store_dir: str | None, token: str) -> tuple[bytes, s
     try:
         # A file with fs-verity already carries its digest: the kernel's measurement is the
         # same value without reading the file.
-        digest = fsverity.measure_verity(fd) or fsverity.digest_fd(fd)
+        device = os.fstat(fd).st_dev
+        digest = fsverity.measure_verity(fd, device) or fsverity.digest_fd(fd)
         if store_dir is None:
             return digest, None
         h = digest.hex()
@@ -199,19 +216,51 @@ def _hash_batch(
     return out
 
 
-def _hash_results(
-    work: list[tuple[bytes, bool]], threads: int, store_dir: str | None, token: str
-) -> Generator[_Result, None, None]:
-    """Results in order, computed in ``threads`` processes when there is enough to do."""
-    if threads <= 1 or len(work) < 2 * _BATCH:
-        yield from _hash_batch(work, store_dir, token)
-        return
-    pool = _process_pool(threads)
-    with pool:
-        batches = [work[i : i + _BATCH] for i in range(0, len(work), _BATCH)]
-        n = len(batches)
-        for result in pool.map(_hash_batch, batches, [store_dir] * n, [token] * n):
-            yield from result
+class _Hasher:
+    """Hashes (and stages) files in worker processes while the tree is still being read.
+
+    Work is handed out in batches as soon as a batch is full; results come back in order.
+    Without ``threads > 1``, or for a tree too small to fill a batch, everything runs in
+    this process when the results are asked for.
+    """
+
+    def __init__(self, threads: int, store_dir: str | None, token: str) -> None:
+        self.threads = threads
+        self.store_dir = store_dir
+        self.token = token
+        self.pool: Executor | None = None
+        self.work: list[tuple[bytes, bool]] = []
+        self.futures: list[Future[list[_Result]]] = []
+        self.jobs: list[tuple[Inode, bytes]] = []  # every file added, with its inode
+
+    def add(self, node: Inode, path: bytes) -> None:
+        """Queue a regular file; a copy is staged in the store unless it is embedded."""
+        self.jobs.append((node, path))
+        self.work.append((path, node.content is None))
+        if self.threads > 1 and len(self.work) >= _BATCH:
+            self._submit()
+
+    def _submit(self) -> None:
+        if self.pool is None:
+            self.pool = _process_pool(self.threads)
+        self.futures.append(self.pool.submit(_hash_batch, self.work, self.store_dir, self.token))
+        self.work = []
+
+    def results(self) -> Iterator[_Result]:
+        """Every result, in the order the files were added."""
+        if self.pool is None:
+            yield from _hash_batch(self.work, self.store_dir, self.token)
+            return
+        if self.work:
+            self._submit()
+        for future in self.futures:
+            yield from future.result()
+
+    def close(self) -> None:
+        """Stop the workers (waiting for running batches: nothing is staged after this)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 def _process_pool(workers: int) -> Executor:
@@ -221,39 +270,28 @@ def _process_pool(workers: int) -> Executor:
 
 
 def _hash_all(
-    jobs: list[tuple[Inode, bytes]],
-    threads: int,
-    store: ObjectStore | None,
+    hasher: _Hasher,
+    writer: ObjectWriter | None,
     stats: ScanStats,
     progress: Progress | None,
 ) -> None:
-    writer = store.writer() if store is not None else None
-    store_dir = os.fspath(store.path) if store is not None else None
-    stats.to_hash = len(jobs)
-    work = [(path, node.content is None) for node, path in jobs]
-    results = _hash_results(work, threads, store_dir, writer.token if writer else "")
-    try:
-        for (node, path), result in zip(jobs, results, strict=True):
-            if isinstance(result, OSError):
-                raise ScanError(path, result)
-            digest, staged = result
-            node.digest = digest
-            node.payload = object_name(digest).encode()
-            stats.hashed_files += 1
-            stats.hashed_bytes += node.size
-            if writer is not None and node.content is None:
-                if staged is not None:
-                    writer.adopt(digest, staged)
-                else:
-                    writer.reused += 1
-            if progress is not None:
-                progress(stats)
-        if writer is not None:
-            writer.commit()
-            stats.objects_added = writer.added
-            stats.objects_reused = writer.reused
-    except BaseException:
-        results.close()  # waits for the workers: nothing is staged after this
-        if writer is not None:
-            writer.abort()
-        raise
+    stats.to_hash = len(hasher.jobs)
+    for (node, path), result in zip(hasher.jobs, hasher.results(), strict=True):
+        if isinstance(result, OSError):
+            raise ScanError(path, result)
+        digest, staged = result
+        node.digest = digest
+        node.payload = object_name(digest).encode()
+        stats.hashed_files += 1
+        stats.hashed_bytes += node.size
+        if writer is not None and node.content is None:
+            if staged is not None:
+                writer.adopt(digest, staged)
+            else:
+                writer.reused += 1
+        if progress is not None:
+            progress(stats)
+    if writer is not None:
+        writer.commit()
+        stats.objects_added = writer.added
+        stats.objects_reused = writer.reused
