@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from composefs import fsverity
+from composefs.fsutil import fsync_dir
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 OBJECT_MODE = 0o644
@@ -185,11 +186,7 @@ class ObjectWriter:
                 dirs.add(directory)
             os.rename(tmp, os.path.join(directory, h[2:]))
         for d in (*dirs, root):
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(d)
         self._pending.clear()
 
     def abort(self) -> None:

@@ -139,7 +139,8 @@ def _load(
     ftype = mode & S_IFMT
     if options.skip_devices and ftype in (S_IFCHR, S_IFBLK):
         return None
-    if options.hardlinks and ftype != stat.S_IFDIR and st.st_nlink > 1:
+    linked = options.hardlinks and ftype != stat.S_IFDIR and st.st_nlink > 1
+    if linked:
         known = seen.get((st.st_dev, st.st_ino))
         if known is not None:
             known.nlink += 1
@@ -154,7 +155,7 @@ def _load(
         0 if options.use_epoch else st.st_mtime_ns // 1_000_000_000,
         0 if options.use_epoch else st.st_mtime_ns % 1_000_000_000,
     )
-    if options.hardlinks and ftype != stat.S_IFDIR and st.st_nlink > 1:
+    if linked:
         seen[(st.st_dev, st.st_ino)] = node
     stats.files += 1
     try:
@@ -193,8 +194,7 @@ def _hash_file(path: bytes, store_dir: str | None, token: str) -> tuple[bytes, s
         digest = fsverity.measure_verity(fd, device) or fsverity.digest_fd(fd)
         if store_dir is None:
             return digest, None
-        h = digest.hex()
-        if os.path.lexists(os.path.join(store_dir, h[:2], h[2:])):
+        if os.path.lexists(os.path.join(store_dir, object_name(digest))):
             return digest, None
         return digest, stage_copy(store_dir, fd, token)
     finally:
