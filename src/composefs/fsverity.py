@@ -304,6 +304,27 @@ def measure_verity(fd: int, device: int | None = None) -> bytes | None:
     return bytes(buf[4 : 4 + DIGEST_SIZE])
 
 
+def verity_supported(path: str | os.PathLike[str]) -> bool:
+    """Whether the kernel and the filesystem holding ``path`` can do fs-verity at all.
+
+    Asks for the digest of ``path`` itself (typically a directory): a filesystem with
+    fs-verity answers "no digest here" (ENODATA), one without it "not supported".
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        buf = bytearray(_MEASURE_HEADER.pack(0, 64) + bytes(64))
+        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
+            return False
+        if e.errno == errno.ENODATA:
+            return True
+        raise
+    finally:
+        os.close(fd)
+    return True
+
+
 def enable_verity(fd: int) -> bool:
     """Enable fs-verity (SHA-256, 4096, no salt) on a file opened read-only.
 
