@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""The built-in example: build a composefs image from examples/demo.dump and inspect it.
+"""The built-in example: build a composefs image from examples/demo.dump and inspect it;
+then build one from a small directory tree with its object store and, as root, mount it.
 
 Run through scripts/demo.sh (which installs everything first).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -46,7 +48,58 @@ def main() -> int:
     step("list", [str(BIN / "composefs-info"), "ls", str(image)])
     print("\nObjects the image needs in its object store:")
     step("objects", [str(BIN / "composefs-info"), "objects", str(image)])
+    from_directory()
     return 0
+
+
+def make_rootfs(root: Path) -> None:
+    """A tiny root filesystem; the same bytes every run, so the same image digest."""
+    if root.exists():
+        shutil.rmtree(root)
+    for d in ("etc", "usr/bin", "usr/lib", "var/tmp"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/hostname").write_text("demo\n")
+    (root / "etc/motd").write_text("Welcome to a composefs image.\n" * 40)
+    (root / "usr/bin/hello").write_text("#!/bin/sh\necho 'hello from composefs'\n")
+    (root / "usr/bin/hello").chmod(0o755)
+    (root / "usr/lib/table.bin").write_bytes(bytes(range(256)) * 64)
+    (root / "bin").symlink_to("usr/bin")
+    for path in [root, *root.rglob("*")]:
+        os.utime(path, (1700000000, 1700000000), follow_symlinks=False)
+
+
+def from_directory() -> None:
+    rootfs, objects = OUT / "rootfs", OUT / "objects"
+    image = OUT / "rootfs.cfs"
+    make_rootfs(rootfs)
+    print(f"\nFrom a directory: {rootfs.relative_to(REPO)}, its content into an object store")
+    digest = step(
+        "build",
+        [str(BIN / "mkcomposefs"), "--print-digest", f"--digest-store={objects}",
+         str(rootfs), str(image)],
+    ).strip()  # fmt: skip
+    stored = sorted(str(p.relative_to(objects)) for p in objects.rglob("*") if p.is_file())
+    print(f"objects in {objects.relative_to(REPO)}: {', '.join(stored)}")
+    if os.geteuid() != 0:
+        print("\n(run as root to mount the image with mount.composefs)")
+        return
+    mnt = OUT / "mnt"
+    mnt.mkdir(exist_ok=True)
+    print("\nMounted with the kernel: EROFS for the image, overlayfs reading the objects;")
+    print("digest= makes the mount refuse any other image.")
+    step(
+        "mount",
+        [str(BIN / "mount.composefs"), "-o", f"ro,basedir={objects},digest={digest}",
+         str(image), str(mnt)],
+    )  # fmt: skip
+    try:
+        step("findmnt", ["findmnt", "-n", "-o", "FSTYPE,SOURCE,OPTIONS", str(mnt)])
+        step("ls", ["ls", "-l", str(mnt), str(mnt / "usr/bin")])
+        step("run", ["sh", str(mnt / "usr/bin/hello")])
+        step("read", ["head", "-n", "2", str(mnt / "etc/motd")])
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    print(f"unmounted {mnt.relative_to(REPO)}")
 
 
 if __name__ == "__main__":

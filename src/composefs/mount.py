@@ -29,13 +29,11 @@ import errno
 import fcntl
 import os
 import stat
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
-from composefs import fsverity, syscalls
+from composefs import syscalls
 from composefs.erofs import format as fmt
 from composefs.errors import ComposefsError
 
@@ -64,8 +62,13 @@ class MountOptionsError(MountError):
         self.usage = usage
 
 
-@dataclass(frozen=True)
-class MountOptions:
+_DIGEST_HEX = 64  # a sha256 fs-verity digest
+
+# mount.composefs runs at every mount: the modules only some mounts need (hashing, the
+# legacy path's temporary directory) are imported when needed, to keep start-up short.
+
+
+class MountOptions(NamedTuple):
     """What ``mount.composefs -o`` takes (tools.md §4.1), as a value.
 
     ``digest`` is 64 hex digits (the image's fs-verity digest); an empty string asks for
@@ -98,9 +101,9 @@ class MountOptions:
                 raw = bytes.fromhex(self.digest)
             except ValueError:
                 raw = b""
-            if len(raw) != fsverity.DIGEST_SIZE or len(self.digest) != 2 * fsverity.DIGEST_SIZE:
+            if len(raw) * 2 != _DIGEST_HEX or len(self.digest) != _DIGEST_HEX:
                 raise MountOptionsError(
-                    f"invalid digest '{self.digest}': expected {2 * fsverity.DIGEST_SIZE} "
+                    f"invalid digest '{self.digest}': expected {_DIGEST_HEX} "
                     "hex digits (a sha256 fs-verity digest)"
                 )
 
@@ -209,6 +212,8 @@ def _pinned_copy(image_fd: int, name: str) -> int:
 def _verified_image(image_fd: int, digest: str, name: str) -> int:
     """An fd of the image whose content has the expected fs-verity digest (it may be
     ``image_fd`` itself or a new sealed copy, which the caller closes)."""
+    from composefs import fsverity
+
     expected = bytes.fromhex(digest)
     measured = fsverity.measure_verity(image_fd)
     if measured is not None:
@@ -295,6 +300,8 @@ def _erofs_new_api(
 def _erofs_legacy(image_fd: int, name: str, has_acl: bool, backing: ErofsBacking) -> Iterator[str]:
     """EROFS mounted with mount(2) on a private temporary directory, for as long as the
     overlay is being set up; lazily unmounted and removed afterwards."""
+    import tempfile
+
     tmpdir = tempfile.mkdtemp(prefix=".composefs.", dir="/tmp")
     options = "" if has_acl else "noacl"
     try:
@@ -428,6 +435,8 @@ def _verity_for(options: MountOptions, name: str) -> tuple[bool, bool]:
     """
     if not (options.requires_verity or options.try_verity):
         return False, False
+    from composefs import fsverity
+
     unsupported = [d for d in options.basedirs if not fsverity.verity_supported(d)]
     if unsupported:
         if options.verity:

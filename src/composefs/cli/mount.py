@@ -7,7 +7,7 @@ as ``/sbin/mount.composefs``.  The options and messages are the reference tool's
 
 from __future__ import annotations
 
-import argparse
+import getopt
 import sys
 from collections.abc import Sequence
 
@@ -37,38 +37,40 @@ OPTIONS (comma-separated; a backslash escapes a comma):
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{PROG}: {message}\n{USAGE}")
-        raise SystemExit(1)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog=PROG, add_help=False)
-    parser.add_argument("-h", "--help", action="store_true")
-    parser.add_argument("-t", dest="fstype")
-    parser.add_argument("-o", dest="options")
-    # What mount(8) may pass to a helper: no mtab, sloppy, verbose (no-ops here), fake.
-    parser.add_argument("-n", "-s", "-v", dest="ignored", action="count")
-    parser.add_argument("-f", dest="fake", action="store_true")
-    parser.add_argument("paths", nargs="*")
-    args = parser.parse_intermixed_args(argv)
-    if args.help:
-        sys.stderr.write(USAGE)
-        return 0
-    if args.fstype is not None and args.fstype != "composefs":
-        return fail(PROG, f"Unsupported fs type '{args.fstype}'")
-    if not args.paths:
+    # getopt, as the reference: options may follow the operands, as mount(8) passes them.
+    # -n (no mtab), -s (sloppy) and -v (verbose), which mount(8) may add, change nothing;
+    # -f (fake) does everything but the mount.
+    try:
+        opts, paths = getopt.gnu_getopt(list(sys.argv[1:] if argv is None else argv), "ht:o:nsvf")
+    except getopt.GetoptError as e:
+        sys.stderr.write(f"{PROG}: {e.msg}\n{USAGE}")
+        return 1
+    fstype = options_text = None
+    fake = False
+    for flag, value in opts:
+        if flag == "-h":
+            sys.stderr.write(USAGE)
+            return 0
+        if flag == "-t":
+            fstype = value
+        elif flag == "-o":
+            options_text = value
+        elif flag == "-f":
+            fake = True
+    if fstype is not None and fstype != "composefs":
+        return fail(PROG, f"Unsupported fs type '{fstype}'")
+    if not paths:
         sys.stderr.write(f"No source path specified\n{USAGE}")
         return 1
-    if len(args.paths) < 2:
+    if len(paths) < 2:
         sys.stderr.write(f"No mount path specified\n{USAGE}")
         return 1
-    image, mountpoint = args.paths[:2]  # like the reference, further operands are ignored
+    image, mountpoint = paths[:2]  # like the reference, further operands are ignored
     try:
-        options = parse_options(args.options)
+        options = parse_options(options_text)
         options.validate()
-        if not args.fake:
+        if not fake:
             mount(image, mountpoint, options)
     except MountOptionsError as e:
         if e.usage:
