@@ -9,6 +9,7 @@ declare -A PACKAGES=(
   [fsck.erofs]=erofs-utils
   [fsverity]=fsverity
   [getfattr]=attr
+  [fusermount3]=fuse3
 )
 missing=()
 for tool in "${!PACKAGES[@]}"; do

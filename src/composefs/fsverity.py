@@ -184,6 +184,46 @@ def digest_stream(stream: BinaryIO, *, chunk_size: int = _READ_CHUNK) -> bytes:
     return hasher.digest()
 
 
+def hash_blocks(data: bytes | bytearray | memoryview) -> bytes:
+    """SHA-256 of each 4096-byte block of ``data``, concatenated; a last partial block is
+    zero-padded, as fs-verity does."""
+    mv = memoryview(data).cast("B")
+    full = len(mv) - len(mv) % BLOCK_SIZE
+    hashes = _hash_blocks(mv[:full])
+    if full < len(mv):
+        hashes += _sha256(bytes(mv[full:]) + bytes(BLOCK_SIZE - (len(mv) - full))).digest()
+    return hashes
+
+
+def block_hashes_fd(fd: int, size: int) -> tuple[bytes, bytes]:
+    """The bottom level of a file's Merkle tree and its fs-verity digest, from ``size``
+    bytes read with pread (never mapped: the file may be truncated under us, which must
+    give an error, not SIGBUS).  With the block hashes, any one block can later be checked
+    on its own.  Raises ``OSError(EIO)`` if the file is shorter than ``size``."""
+    hasher = FsVerityHasher()
+    parts = []
+    buf = bytearray(min(_READ_CHUNK, max(size, BLOCK_SIZE)))
+    view = memoryview(buf)
+    offset = 0
+    while offset < size:
+        n = os.preadv(fd, [view[: min(len(buf), size - offset)]], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"file ends at {offset} bytes, {size} expected")
+        if n % BLOCK_SIZE and offset + n < size:
+            n -= n % BLOCK_SIZE  # a short read: keep chunks block-aligned
+            if not n:
+                continue
+        chunk = view[:n]
+        hashes = hash_blocks(chunk)
+        parts.append(hashes)
+        if n % BLOCK_SIZE:
+            hasher.update(chunk)  # the tail: let the hasher pad it
+        else:
+            hasher.update_block_hashes(hashes, n)
+        offset += n
+    return b"".join(parts), hasher.digest()
+
+
 def _hash_file_range(fd: int, start: int, end: int) -> bytes:
     """Hashes of the full blocks of ``fd`` in [start, end), read through a memory map."""
     with mmap.mmap(fd, end - start, mmap.MAP_SHARED, mmap.PROT_READ, offset=start) as mm:

@@ -37,6 +37,7 @@ _SYS_FSOPEN = 430
 _SYS_FSCONFIG = 431
 _SYS_FSMOUNT = 432
 _SYS_MOUNT_SETATTR = 442
+_SYS_OPENAT2 = 437
 
 FSOPEN_CLOEXEC = 0x1
 FSMOUNT_CLOEXEC = 0x1
@@ -52,6 +53,8 @@ AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 
 MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
 MS_SILENT = 0x8000
 MNT_DETACH = 0x2
 
@@ -173,6 +176,39 @@ def mount_setattr(mount_fd: int, attr_set: int, userns_fd: int = 0) -> None:
         ctypes.c_uint(AT_EMPTY_PATH), ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)),
     )  # fmt: skip
     _check(result, "mount_setattr")
+
+
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_OPEN_HOW = struct.Struct("=QQQ")  # flags mode resolve
+_openat2_missing = False
+
+
+def open_beneath(dir_fd: int, path: bytes, flags: int) -> int:
+    """Open ``path`` below the directory ``dir_fd`` without ever leaving it: no ``..``
+    out, no absolute path, no symlink anywhere on the way (``openat2`` with
+    RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS).  On kernels without openat2 (before 5.6) the
+    same is enforced by refusing such paths and opening with O_NOFOLLOW."""
+    global _openat2_missing
+    if not _openat2_missing:
+        how = ctypes.create_string_buffer(
+            _OPEN_HOW.pack(flags, 0, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+        )
+        result = _sys(
+            _SYS_OPENAT2, ctypes.c_int(dir_fd), ctypes.c_char_p(path), how,
+            ctypes.c_size_t(_OPEN_HOW.size),
+        )  # fmt: skip
+        if result >= 0:
+            return result
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+        _openat2_missing = True
+    parts = path.split(b"/")
+    if path.startswith(b"/") or any(p in (b"", b".", b"..") for p in parts):
+        raise OSError(errno.EXDEV, "path leaves its directory", os.fsdecode(path))
+    return os.open(path, flags | os.O_NOFOLLOW, dir_fd=dir_fd)
 
 
 def mount(source: str | bytes, target: str | bytes, fstype: str, flags: int, data: str) -> None:

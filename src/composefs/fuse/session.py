@@ -1,0 +1,288 @@
+"""The FUSE connection: mounting, the request loop, unmounting.
+
+The server speaks the kernel protocol on ``/dev/fuse`` itself rather than through libfuse:
+nothing to compile, and every feature of the running kernel is reachable (passthrough,
+cached directories, no-open directories) whatever libfuse the distribution ships.
+
+As root the connection is mounted with mount(2); as an ordinary user ``fusermount3`` (the
+setuid helper of fuse3) mounts it and hands the ``/dev/fuse`` descriptor back over a
+socket.  Several threads read requests: while one waits for a disk or hashes a block
+(both release the GIL) the others keep answering.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from composefs import syscalls
+from composefs.errors import ComposefsError
+from composefs.fuse import protocol as p
+from composefs.fuse.filesystem import Filesystem
+
+log = logging.getLogger("composefs.fuse")
+
+# Big enough for any request a read-only filesystem gets (the largest are names and
+# xattr names, well under a page); the kernel insists on at least 8 KiB.
+_BUFFER = 64 << 10
+_MAX_WRITE = 32 << 10
+_MAX_PAGES = 256  # reads of up to 1 MiB
+
+
+class FuseError(ComposefsError):
+    """The FUSE mount could not be made."""
+
+
+class Connection:
+    """A mounted FUSE connection: the ``/dev/fuse`` fd and how to unmount it."""
+
+    def __init__(self, fd: int, mountpoint: str, unmount: Callable[[], None]) -> None:
+        self.fd = fd
+        self.mountpoint = mountpoint
+        self._unmount = unmount
+        self._unmounted = False
+        self.keep: object = None  # what must live as long as the mount (fusermount3's socket)
+
+    def unmount(self) -> None:
+        if not self._unmounted:
+            self._unmounted = True
+            try:
+                self._unmount()
+            except OSError as e:
+                log.warning("unmounting %s: %s", self.mountpoint, e)
+
+
+def mount_connection(
+    mountpoint: str, source: str, *, allow_other: bool = False, auto_unmount: bool = False
+) -> Connection:
+    """Mount an empty FUSE connection read-only at ``mountpoint``."""
+    mountpoint = os.path.abspath(mountpoint)
+    if os.geteuid() == 0:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        options = f"fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions" + (
+            ",allow_other" if allow_other else ""
+        )
+        flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV
+        try:
+            syscalls.mount(source, mountpoint, "fuse.composefs", flags, options)
+        except OSError as e:
+            os.close(fd)
+            raise FuseError(f"cannot mount {mountpoint}: {e.strerror}") from None
+        return Connection(fd, mountpoint, lambda: syscalls.umount(mountpoint, syscalls.MNT_DETACH))
+    return _fusermount(mountpoint, source, allow_other, auto_unmount)
+
+
+def _fusermount(mountpoint: str, source: str, allow_other: bool, auto_unmount: bool) -> Connection:
+    helper = shutil.which("fusermount3")
+    if helper is None:
+        raise FuseError("mounting as an ordinary user needs fusermount3 (Debian package fuse3)")
+    options = "ro,nosuid,nodev,default_permissions,subtype=composefs"
+    options += ",fsname=" + source.replace("\\", "\\\\").replace(",", "\\,")
+    if allow_other:
+        options += ",allow_other"
+    if auto_unmount:
+        options += ",auto_unmount"
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        helper_proc = subprocess.Popen(
+            [helper, "-o", options, "--", mountpoint],
+            env=env, pass_fds=[theirs.fileno()], stderr=subprocess.PIPE,
+        )  # fmt: skip
+        theirs.close()
+        try:
+            _msg, fds, _flags, _addr = socket.recv_fds(ours, 1, 1)
+        except OSError:
+            fds = []
+        if not fds:
+            helper_proc.wait()
+            err = (
+                helper_proc.stderr.read().decode(errors="replace").strip()
+                if helper_proc.stderr
+                else ""
+            )
+            raise FuseError(err or f"fusermount3 could not mount {mountpoint}")
+        if not auto_unmount:
+            helper_proc.wait()
+            ours.close()
+        # With auto_unmount fusermount3 stays, watching the socket: it unmounts when this
+        # process ends, however it ends.  The socket must stay open until then.
+        fd = fds[0]
+        os.set_inheritable(fd, False)
+    except BaseException:
+        ours.close()
+        raise
+
+    def unmount() -> None:
+        subprocess.run([helper, "-u", "-z", "--", mountpoint], check=False, capture_output=True)
+
+    conn = Connection(fd, mountpoint, unmount)
+    if auto_unmount:
+        conn.keep = (ours, helper_proc)
+    return conn
+
+
+_OPCODES = (
+    "LOOKUP FORGET GETATTR SETATTR READLINK OPEN READ STATFS RELEASE GETXATTR LISTXATTR FLUSH "
+    "INIT OPENDIR READDIR RELEASEDIR ACCESS INTERRUPT DESTROY BATCH_FORGET READDIRPLUS"
+)
+_NAMES = {getattr(p, name): name for name in _OPCODES.split()}  # for -d
+
+
+class Session:
+    """Serves one filesystem on one connection until it is unmounted."""
+
+    def __init__(
+        self, fs: Filesystem, conn: Connection, *, threads: int = 4, debug: bool = False
+    ) -> None:
+        self.fs = fs
+        self.conn = conn
+        self.threads = max(1, threads)
+        self.debug = debug
+        self._handlers: dict[int, Callable[[int, memoryview], bytes]] = {
+            p.LOOKUP: fs.lookup, p.GETATTR: fs.getattr, p.READLINK: fs.readlink,
+            p.OPEN: fs.open, p.READ: fs.read, p.RELEASE: fs.release, p.STATFS: fs.statfs,
+            p.READDIR: fs.readdir, p.READDIRPLUS: fs.readdirplus,
+        }  # fmt: skip
+        self._errors: list[BaseException] = []
+
+    def run(self) -> None:
+        """Serve until unmounted; SIGINT and SIGTERM unmount (when called in the main
+        thread)."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, self._on_signal)
+        workers = [
+            threading.Thread(target=self._serve, name=f"fuse-{i}", daemon=True)
+            for i in range(self.threads - 1)
+        ]
+        for w in workers:
+            w.start()
+        try:
+            self._serve()
+        finally:
+            for w in workers:
+                w.join()
+            self.fs.close()
+            os.close(self.conn.fd)
+        if self._errors:
+            raise self._errors[0]
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: unmounting %s", signum, self.conn.mountpoint)
+        self.conn.unmount()
+
+    def _serve(self) -> None:
+        fd = self.conn.fd
+        buf = bytearray(_BUFFER)
+        view = memoryview(buf)
+        handlers = self._handlers
+        header = p.IN_HEADER.unpack_from
+        reply_header = p.OUT_HEADER.pack
+        while True:
+            try:
+                n = os.readv(fd, [buf])
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                    continue  # ENOENT: the request was interrupted before we read it
+                if e.errno == errno.ENODEV:
+                    return  # unmounted
+                self._errors.append(e)
+                self.conn.unmount()
+                return
+            length, opcode, unique, nodeid, uid, _gid, _pid, _ext, _pad = header(buf)
+            body = view[p.IN_HEADER.size : min(length, n)]
+            if self.debug:
+                log.debug("%s node %d (unique %d)", _NAMES.get(opcode, opcode), nodeid, unique)
+            try:
+                handler = handlers.get(opcode)
+                if handler is not None:
+                    data = handler(nodeid, body)
+                elif opcode == p.GETXATTR:
+                    data = self.fs.getxattr(nodeid, body, uid)
+                elif opcode == p.LISTXATTR:
+                    data = self.fs.listxattr(nodeid, body, uid)
+                elif opcode in (p.FORGET, p.BATCH_FORGET, p.INTERRUPT):
+                    continue  # no reply; nothing per node is kept
+                elif opcode == p.INIT:
+                    data = self._init(body)
+                elif opcode == p.DESTROY:
+                    data = b""
+                elif opcode in p.WRITING:
+                    raise OSError(errno.EROFS, "read-only file system")
+                else:
+                    # OPENDIR, FLUSH, ACCESS, locks...: "not implemented" makes the kernel
+                    # stop asking (directories then open without a round trip and keep
+                    # their listing cached) or do the work itself.
+                    raise OSError(errno.ENOSYS, "not implemented")
+                error = 0
+            except OSError as e:
+                error = e.errno or errno.EIO
+                data = b""
+            except Exception:
+                log.exception("request %s on node %d failed", _NAMES.get(opcode, opcode), nodeid)
+                error = errno.EIO
+                data = b""
+            try:
+                if error:
+                    os.write(fd, reply_header(16, -error, unique))
+                else:
+                    os.writev(fd, [reply_header(16 + len(data), 0, unique), data])
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    return
+                if e.errno != errno.ENOENT:  # ENOENT: the request was interrupted meanwhile
+                    log.warning("reply to request %d: %s", unique, e)
+
+    def _init(self, body: memoryview) -> bytes:
+        major, minor, max_readahead, flags = p.INIT_IN.unpack_from(body)
+        if major != p.KERNEL_VERSION:
+            raise OSError(errno.EPROTO, f"FUSE protocol {major}.{minor} is not supported")
+        if flags & p.INIT_EXT and len(body) >= p.INIT_IN.size + 4:
+            flags |= int.from_bytes(body[16:20], sys.byteorder) << 32
+        want = (
+            p.ASYNC_READ | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.PARALLEL_DIROPS
+            | p.MAX_PAGES | p.CACHE_SYMLINKS | p.BIG_WRITES | p.INIT_EXT
+        )  # fmt: skip
+        if self.fs.options.acl:
+            want |= p.POSIX_ACL  # the kernel then caches ACLs (and their absence)
+        stack_depth = 0
+        if (
+            self.fs.options.passthrough
+            and flags & p.PASSTHROUGH
+            and minor >= p.PASSTHROUGH_MINOR
+            and os.geteuid() == 0
+        ):
+            want |= p.PASSTHROUGH
+            stack_depth = 1  # objects live on an ordinary filesystem, not a stacked one
+            self.fs.backing_open = self._backing_open
+            self.fs.backing_close = self._backing_close
+        agreed = flags & want
+        log.debug("FUSE %d.%d, flags %#x", major, minor, agreed)
+        return p.INIT_OUT.pack(
+            p.KERNEL_VERSION, min(minor, p.KERNEL_MINOR), max_readahead,
+            agreed & 0xFFFFFFFF, 16, 12, _MAX_WRITE, 1, _MAX_PAGES, 0, agreed >> 32,
+            stack_depth,
+        )  # fmt: skip
+
+    def _backing_open(self, fd: int) -> int:
+        arg = bytearray(p.BACKING_MAP.pack(fd, 0, 0))
+        backing_id: int = fcntl.ioctl(self.conn.fd, p.DEV_IOC_BACKING_OPEN, arg, True)
+        return backing_id
+
+    def _backing_close(self, backing_id: int) -> None:
+        arg = bytearray(backing_id.to_bytes(4, sys.byteorder))
+        try:
+            fcntl.ioctl(self.conn.fd, p.DEV_IOC_BACKING_CLOSE, arg, True)
+        except OSError as e:
+            log.warning("closing backing file %d: %s", backing_id, e)

@@ -1,0 +1,406 @@
+"""composefs-fuse with the real kernel FUSE: the same tree as the kernel mount, verified
+content, clean failures.
+
+Needs /dev/fuse; the comparisons with the kernel mount and the runs as root need root,
+the unprivileged run needs root to become nobody.  Each skips with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from mounted import assert_same_tree, kernel_mount_skip_reason, xattrs
+from test_scan import make_tree
+
+from composefs.erofs.reader import load_tree
+from composefs.mount import MountOptions, mount, unmount
+
+BIN = Path(sys.executable).parent
+FUSE = str(BIN / "composefs-fuse")
+IS_ROOT = os.geteuid() == 0
+
+
+def _fuse_skip_reason() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if not IS_ROOT and shutil.which("fusermount3") is None:
+        return "no fusermount3 (Debian package fuse3) for an unprivileged mount"
+    return None
+
+
+FUSE_SKIP = _fuse_skip_reason()
+needs_fuse = pytest.mark.skipif(FUSE_SKIP is not None, reason=FUSE_SKIP or "")
+KERNEL_SKIP = kernel_mount_skip_reason()
+needs_kernel = pytest.mark.skipif(KERNEL_SKIP is not None, reason=KERNEL_SKIP or "")
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
+
+
+def _build(src: Path, store: Path, image: Path, *extra: str) -> None:
+    r = subprocess.run(
+        [str(BIN / "mkcomposefs"), f"--digest-store={store}", *extra, str(src), str(image)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def _is_mounted(path: Path) -> bool:
+    """From the mount table: a FUSE mount of another user cannot even be stat-ed."""
+    target = os.path.realpath(path)
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return any(line.split()[4] == target for line in lines)
+
+
+def _wait_mounted(path: Path, proc: subprocess.Popen[bytes] | None = None) -> None:
+    for _ in range(200):
+        if _is_mounted(path):
+            return
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            pytest.fail(f"composefs-fuse exited with {proc.returncode}: {err}")
+        time.sleep(0.05)
+    pytest.fail(f"{path} was not mounted")
+
+
+def _unmount(path: Path) -> None:
+    if IS_ROOT:
+        subprocess.run(["umount", str(path)], check=False, capture_output=True)
+    else:
+        subprocess.run(["fusermount3", "-u", str(path)], check=False, capture_output=True)
+
+
+@contextmanager
+def fuse_mount(
+    image: Path, store: Path, mnt: Path, *options: str, prefix: list[str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """composefs-fuse in the foreground for the duration; yields the server process."""
+    opts = ",".join([f"source={image}", f"basedir={store}", *options])
+    proc = subprocess.Popen(
+        [*(prefix or []), FUSE, "-f", "-o", opts, str(mnt)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _wait_mounted(mnt, proc)
+        yield proc
+    finally:
+        if _is_mounted(mnt):
+            _unmount(mnt)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(source tree, store, image), hardlinks kept, built once for the module."""
+    if FUSE_SKIP:
+        pytest.skip(FUSE_SKIP)
+    base = tmp_path_factory.mktemp("fuse")
+    src = make_tree(base / "src", big=True)
+    store, image = base / "store", base / "image.cfs"
+    _build(src, store, image, "--hardlinks")
+    return src, store, image
+
+
+def _snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything a user sees of a tree, by relative path (inode numbers aside)."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                what: object = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                what = os.readlink(path)
+            else:
+                what = None
+            nlink = None if stat.S_ISDIR(st.st_mode) else st.st_nlink
+            attrs = None if stat.S_ISLNK(st.st_mode) else xattrs(path)
+            out[str(path.relative_to(root))] = (
+                st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev,
+                nlink, what, attrs,
+            )  # fmt: skip
+    return out
+
+
+@needs_fuse
+@needs_kernel
+def test_same_tree_as_the_kernel_mount(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    src, store, image = built
+    kmnt, fmnt = tmp_path / "kernel", tmp_path / "fuse"
+    kmnt.mkdir()
+    fmnt.mkdir()
+    mount(image, kmnt, MountOptions(basedirs=(str(store),), readonly=True))
+    try:
+        with fuse_mount(image, store, fmnt):
+            kernel, fuse = _snapshot(kmnt), _snapshot(fmnt)
+            assert len(kernel) >= 3000
+            assert fuse.keys() == kernel.keys()
+            for path, seen in fuse.items():
+                assert seen == kernel[path], path
+            assert assert_same_tree(src, fmnt) >= 3000
+            # Hardlinks share an inode; inode numbers are the image's, stable.
+            a, b = os.stat(fmnt / "a" / "big"), os.stat(fmnt / "a" / "big-hardlink")
+            assert a.st_ino == b.st_ino and a.st_nlink == 2
+            st = os.statvfs(fmnt)
+            assert st.f_bsize == 4096 and st.f_blocks == image.stat().st_size // 4096
+        with fuse_mount(image, store, fmnt):
+            assert os.stat(fmnt / "a" / "big").st_ino == a.st_ino
+    finally:
+        unmount(kmnt)
+
+
+def _object_of(image: Path, path: bytes, store: Path) -> Path:
+    node = load_tree(image).lookup(path)
+    assert node is not None and node.payload is not None
+    return store / os.fsdecode(node.payload)
+
+
+@pytest.fixture
+def private(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """(source, store, image, mount point) of a tree with one 1 MiB file, built for one test
+    (the tests below damage the store)."""
+    if FUSE_SKIP:
+        pytest.skip(FUSE_SKIP)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "large").write_bytes(os.urandom(1 << 20))
+    (src / "other").write_bytes(os.urandom(10_000))
+    store, image, mnt = tmp_path / "store", tmp_path / "image.cfs", tmp_path / "mnt"
+    mnt.mkdir()
+    _build(src, store, image)
+    return src, store, image, mnt
+
+
+@needs_fuse
+def test_tampered_object_is_refused_and_named(private: tuple[Path, Path, Path, Path]) -> None:
+    src, store, image, mnt = private
+    obj = _object_of(image, b"/large", store)
+    obj.chmod(0o644)
+    with open(obj, "r+b") as f:
+        f.seek(300_000)
+        f.write(b"\xff" * 10)
+    with fuse_mount(image, store, mnt) as proc:
+        with pytest.raises(OSError) as e:
+            (mnt / "large").read_bytes()
+        assert e.value.errno == 5  # EIO
+        assert (mnt / "other").read_bytes() == (src / "other").read_bytes()
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert f"object {obj} has fs-verity digest" in err, err
+
+
+@needs_fuse
+def test_truncated_object_is_refused(private: tuple[Path, Path, Path, Path]) -> None:
+    _src, store, image, mnt = private
+    obj = _object_of(image, b"/large", store)
+    os.truncate(obj, 4096)
+    with fuse_mount(image, store, mnt) as proc:
+        with pytest.raises(OSError) as e:
+            (mnt / "large").read_bytes()
+        assert e.value.errno == 5
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert f"object {obj} has 4096 bytes, the image says {1 << 20}" in err
+
+
+@needs_fuse
+def test_each_read_is_checked_block_by_block(private: tuple[Path, Path, Path, Path]) -> None:
+    """An object changed after it was first checked: the reads of the changed block fail,
+    the others still work (nopassthrough: every read goes through the server)."""
+    src, store, image, mnt = private
+    obj = _object_of(image, b"/large", store)
+    good = (src / "large").read_bytes()
+    with fuse_mount(image, store, mnt, "nopassthrough") as proc:
+        os.close(os.open(mnt / "large", os.O_RDONLY))  # the first open checks it in full
+        with open(obj, "r+b") as f:
+            f.seek(5 * 4096 + 10)
+            f.write(b"\x00\x01\x02")
+        fd = os.open(mnt / "large", os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 0) == good[:4096]
+            assert os.pread(fd, 4096, 40 * 4096) == good[40 * 4096 : 41 * 4096]
+            with pytest.raises(OSError) as e:
+                os.pread(fd, 100, 5 * 4096 + 5)
+            assert e.value.errno == 5
+        finally:
+            os.close(fd)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert f"object {obj} blocks 5..5 do not match its fs-verity digest" in err, err
+
+
+@needs_fuse
+def test_noverify_serves_unchecked(private: tuple[Path, Path, Path, Path]) -> None:
+    _src, store, image, mnt = private
+    obj = _object_of(image, b"/large", store)
+    with open(obj, "r+b") as f:
+        f.write(b"changed")
+    with fuse_mount(image, store, mnt, "noverify"):
+        assert (mnt / "large").read_bytes()[:7] == b"changed"
+
+
+@needs_fuse
+def test_missing_object(private: tuple[Path, Path, Path, Path]) -> None:
+    _src, store, image, mnt = private
+    _object_of(image, b"/large", store).unlink()
+    with fuse_mount(image, store, mnt) as proc:
+        with pytest.raises(FileNotFoundError):
+            (mnt / "large").read_bytes()
+        assert (mnt / "large").stat().st_size == 1 << 20
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert "not found in" in err
+
+
+@needs_fuse
+def test_hostile_image_is_refused_before_mounting(
+    private: tuple[Path, Path, Path, Path], tmp_path: Path
+) -> None:
+    _src, store, image, mnt = private
+    bad = tmp_path / "bad.cfs"
+    data = bytearray(image.read_bytes())
+    data[1024 + 14 : 1024 + 16] = b"\xff\xff"  # superblock: root nid far out of the image
+    bad.write_bytes(bytes(data))
+    r = subprocess.run(
+        [FUSE, "-f", "-o", f"source={bad},basedir={store}", str(mnt)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"composefs-fuse: Failed to load {bad}: "), r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    assert not os.path.ismount(mnt)
+
+
+@needs_fuse
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_unmount_cleanly(private: tuple[Path, Path, Path, Path], sig: int) -> None:
+    src, store, image, mnt = private
+    with fuse_mount(image, store, mnt) as proc:
+        assert (mnt / "other").read_bytes() == (src / "other").read_bytes()
+        proc.send_signal(sig)
+        assert proc.wait(timeout=10) == 0
+        assert not os.path.ismount(mnt)
+
+
+@needs_fuse
+def test_background_mode_returns_once_mounted(private: tuple[Path, Path, Path, Path]) -> None:
+    src, store, image, mnt = private
+    r = subprocess.run(
+        [FUSE, "-o", f"source={image},basedir={store}", str(mnt)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    try:
+        assert os.path.ismount(mnt)
+        assert (mnt / "large").read_bytes() == (src / "large").read_bytes()
+    finally:
+        _unmount(mnt)
+    assert not os.path.ismount(mnt)
+
+
+@needs_fuse
+def test_command_line_errors(tmp_path: Path) -> None:
+    cases = [
+        ([str(tmp_path)], "No source path specified"),
+        (["-o", "source=/x", str(tmp_path)], "No basedir specified"),
+        (["-o", f"source=/x,basedir={tmp_path},bogus", str(tmp_path)], "unknown option 'bogus'"),
+        (["-o", f"source=/nonexistent,basedir={tmp_path}", str(tmp_path)],
+         "Failed to open /nonexistent: No such file or directory"),
+        (["-o", "source=/x,basedir=/nonexistent", str(tmp_path)],
+         "Failed to open basedir /nonexistent: No such file or directory"),
+    ]  # fmt: skip
+    for args, message in cases:
+        r = subprocess.run([FUSE, *args], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 1, args
+        assert message in r.stderr, (args, r.stderr)
+
+
+@needs_fuse
+@needs_root
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to become nobody")
+@pytest.mark.skipif(shutil.which("fusermount3") is None, reason="needs fusermount3 (fuse3)")
+def test_runs_as_nobody() -> None:
+    """An ordinary user mounts through fusermount3 (with /dev/fuse 0666, as distributions
+    ship it) and reads verified content."""
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    base = Path(tempfile.mkdtemp(prefix="cfs-fuse-nobody-", dir="/tmp"))
+    try:
+        os.chmod("/dev/fuse", 0o666)
+        base.chmod(0o755)
+        src = base / "src"
+        src.mkdir()
+        (src / "file").write_bytes(os.urandom(50_000))
+        (src / "small").write_bytes(b"inline\n")
+        store, image, mnt = base / "store", base / "image.cfs", base / "mnt"
+        _build(src, store, image)
+        for path in [store, *store.rglob("*"), image, src, *src.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        mnt.mkdir()
+        os.chown(mnt, 65534, 65534)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        with fuse_mount(image, store, mnt, prefix=nobody):
+            check = subprocess.run(
+                [*nobody, "cat", str(mnt / "file"), str(mnt / "small")], capture_output=True
+            )
+            assert check.returncode == 0, check.stderr
+            assert check.stdout == (src / "file").read_bytes() + b"inline\n"
+            subprocess.run([*nobody, "fusermount3", "-u", str(mnt)], check=True)
+    finally:
+        os.chmod("/dev/fuse", mode)
+        subprocess.run(["umount", "-l", str(base / "mnt")], capture_output=True)
+        shutil.rmtree(base)
+
+
+def _meminfo_cached() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Cached:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Cached line")
+
+
+@needs_fuse
+@needs_root
+def test_passthrough_shares_the_page_cache(tmp_path: Path) -> None:
+    """Two FUSE mounts of images sharing a 32 MiB object cache it once, as the kernel
+    mount does: the object is trusted (checked in full, only root can change it), so
+    reads pass through to it."""
+    size = 32 << 20
+    payload = os.urandom(size)
+    store = tmp_path / "store"
+    images, mounts = [], []
+    for name in ("one", "two"):
+        src = tmp_path / name
+        src.mkdir()
+        (src / "shared.bin").write_bytes(payload)
+        (src / name).write_bytes(name.encode() * 50)
+        images.append(tmp_path / f"{name}.cfs")
+        _build(src, store, images[-1])
+        mounts.append(tmp_path / f"mnt-{name}")
+        mounts[-1].mkdir()
+    obj = _object_of(images[0], b"/shared.bin", store)
+    with fuse_mount(images[0], store, mounts[0]), fuse_mount(images[1], store, mounts[1]):
+        for _attempt in range(3):  # /proc/meminfo is machine-wide: retry if disturbed
+            fd = os.open(obj, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+            before = _meminfo_cached()
+            assert (mounts[0] / "shared.bin").read_bytes() == payload
+            middle = _meminfo_cached()
+            assert (mounts[1] / "shared.bin").read_bytes() == payload
+            after = _meminfo_cached()
+            first, second = middle - before, after - middle
+            if size * 0.8 < first < size * 1.5 and second < size * 0.2:
+                break
+        else:
+            pytest.fail(f"Cached grew by {first >> 20} MiB, then {second >> 20} MiB")
