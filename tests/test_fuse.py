@@ -110,6 +110,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
         pytest.skip(FUSE_SKIP)
     base = tmp_path_factory.mktemp("fuse")
     src = make_tree(base / "src", big=True)
+    # names sorting before "." and "..", which then are not a directory's first entries
+    (src / "b" / "-dash").mkdir()
+    (src / "b" / "-dash" / "+plus").write_bytes(b"early names\n" * 10)
     store, image = base / "store", base / "image.cfs"
     _build(src, store, image, "--hardlinks")
     return src, store, image

@@ -195,33 +195,55 @@ def hash_blocks(data: bytes | bytearray | memoryview) -> bytes:
     return hashes
 
 
-def block_hashes_fd(fd: int, size: int) -> tuple[bytes, bytes]:
-    """The bottom level of a file's Merkle tree and its fs-verity digest, from ``size``
-    bytes read with pread (never mapped: the file may be truncated under us, which must
-    give an error, not SIGBUS).  With the block hashes, any one block can later be checked
-    on its own.  Raises ``OSError(EIO)`` if the file is shorter than ``size``."""
-    hasher = FsVerityHasher()
+def _block_hashes_range(fd: int, start: int, end: int) -> bytes:
+    """Block hashes of [start, end) of a file, read with pread in large chunks."""
     parts = []
-    buf = bytearray(min(_READ_CHUNK, max(size, BLOCK_SIZE)))
+    buf = bytearray(min(_READ_CHUNK, max(end - start, BLOCK_SIZE)))
     view = memoryview(buf)
-    offset = 0
-    while offset < size:
-        n = os.preadv(fd, [view[: min(len(buf), size - offset)]], offset)
+    offset = start
+    while offset < end:
+        n = os.preadv(fd, [view[: min(len(buf), end - offset)]], offset)
         if n <= 0:
-            raise OSError(errno.EIO, f"file ends at {offset} bytes, {size} expected")
-        if n % BLOCK_SIZE and offset + n < size:
+            raise OSError(errno.EIO, f"file ends at {offset} bytes, {end} expected")
+        if n % BLOCK_SIZE and offset + n < end:
             n -= n % BLOCK_SIZE  # a short read: keep chunks block-aligned
             if not n:
                 continue
-        chunk = view[:n]
-        hashes = hash_blocks(chunk)
-        parts.append(hashes)
-        if n % BLOCK_SIZE:
-            hasher.update(chunk)  # the tail: let the hasher pad it
-        else:
-            hasher.update_block_hashes(hashes, n)
+        parts.append(hash_blocks(view[:n]))
         offset += n
-    return b"".join(parts), hasher.digest()
+    return b"".join(parts)
+
+
+def block_hashes_fd(fd: int, size: int, *, workers: int = 1) -> tuple[bytes, bytes]:
+    """The bottom level of a file's Merkle tree and its fs-verity digest, from ``size``
+    bytes read with pread (never mapped: the file may be truncated under us, which must
+    give an error, not SIGBUS).  With the block hashes, any one block can later be checked
+    on its own.  Large files are hashed by ``workers`` threads (hashlib releases the GIL).
+    Raises ``OSError(EIO)`` if the file is shorter than ``size``."""
+    full = size - size % BLOCK_SIZE
+    if workers > 1 and size >= PARALLEL_MIN_SIZE:
+        from concurrent.futures import ThreadPoolExecutor
+
+        step = -(-full // workers // _READ_CHUNK) * _READ_CHUNK
+        bounds = [(a, min(a + step, size)) for a in range(0, size, step)]
+        with ThreadPoolExecutor(len(bounds)) as pool:
+            leaves = b"".join(pool.map(lambda r: _block_hashes_range(fd, *r), bounds))
+    else:
+        leaves = _block_hashes_range(fd, 0, size)
+    hasher = FsVerityHasher()
+    hasher.update_block_hashes(leaves[: full // BLOCK_SIZE * DIGEST_SIZE], full)
+    if full < size:
+        tail = os.pread(fd, size - full, full)
+        if len(tail) != size - full:
+            raise OSError(errno.EIO, f"file ends before {size} bytes")
+        hasher.update(tail)
+        if _tail_leaf(tail) != leaves[-DIGEST_SIZE:]:
+            raise OSError(errno.EIO, "file changed while it was being hashed")
+    return leaves, hasher.digest()
+
+
+def _tail_leaf(tail: bytes) -> bytes:
+    return _sha256(tail + bytes(BLOCK_SIZE - len(tail))).digest()
 
 
 def _hash_file_range(fd: int, start: int, end: int) -> bytes:

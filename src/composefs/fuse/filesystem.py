@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from composefs.erofs import format as fmt
 from composefs.erofs.reader import Image, ImageInode
 from composefs.fuse import protocol as p
 from composefs.fuse.verify import BlockHashCache, ServedObject, open_object
-from composefs.tree import S_IFMT
+from composefs.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
 TIMEOUT = 86400  # seconds the kernel may cache entries and attributes: nothing changes
 _OVERLAY = b"trusted.overlay."
@@ -42,6 +43,20 @@ _DT = {
 }  # fmt: skip
 _NEGATIVE = p.ENTRY_OUT_HEAD.pack(0, 0, TIMEOUT, 0, 0, 0) + bytes(p.ATTR.size)
 _NO_ENTRY = bytes(p.ENTRY_OUT_HEAD.size + p.ATTR.size)
+_ENTRY_HEAD = p.ENTRY_OUT_HEAD.pack
+_ATTR_OUT_HEAD = p.ATTR_OUT_HEAD.pack(TIMEOUT, 0, 0)
+_ATTR_MODE = struct.Struct("=I")
+_MODE_OFFSET = 60  # of mode, then nlink uid gid rdev, in struct fuse_attr
+_RDEV_OFFSET = 76
+_PADDING = [bytes(-i % 8) for i in range(8)]
+
+
+class _Directory(NamedTuple):
+    """The entries a directory shows, in on-disk (name) order, "." and ".." included."""
+
+    names: list[bytes]
+    nids: list[int]
+    types: list[int]  # DT_* for readdir
 
 
 class FuseOptions(NamedTuple):
@@ -50,11 +65,25 @@ class FuseOptions(NamedTuple):
     passthrough: bool = True  # let the kernel read trusted objects directly (root only)
 
 
+class _Served:
+    """An object kept open for an inode, with its passthrough registration."""
+
+    __slots__ = ("backing_id", "handles", "obj")
+
+    def __init__(self, obj: ServedObject, backing_id: int) -> None:
+        self.obj = obj
+        self.backing_id = backing_id  # non-zero: the kernel reads the object itself
+        self.handles = 0
+
+
 class _OpenFile(NamedTuple):
     nid: int
-    obj: ServedObject | None  # None: content inline in the image (or a hole)
-    data: bytes | None
-    backing_id: int  # non-zero: the kernel reads the object itself (passthrough)
+    served: _Served | None  # None: content inline in the image (or holes)
+    data: bytes | None  # inline content; None for a file of holes
+    size: int
+
+
+_KEPT_OBJECTS = 512  # idle objects kept open for the next open of their inode
 
 
 class Filesystem:
@@ -73,12 +102,13 @@ class Filesystem:
         self.acl = options.acl and image.header.has_acl
         self.block_hashes = BlockHashCache()
         self._lock = threading.Lock()
-        self._inodes: dict[int, ImageInode] = {}
-        self._entries: OrderedDict[int, tuple[dict[bytes, int], list[tuple[bytes, int, int]]]]
-        self._entries = OrderedDict()
+        self._attrs: dict[int, bytes] = {}
+        self._dirs: dict[int, _Directory] = {}
+        self._by_name: OrderedDict[int, dict[bytes, int]] = OrderedDict()
+        self._index()
         self._files: dict[int, _OpenFile] = {}
         self._next_fh = 1
-        self._backing: dict[int, tuple[int, int]] = {}  # nid -> (backing id, open count)
+        self._objects: OrderedDict[int, _Served] = OrderedDict()
         # Set by the session when the kernel agreed to passthrough: registers an fd with
         # /dev/fuse and returns its backing id.
         self.backing_open: Callable[[int], int] | None = None
@@ -88,12 +118,78 @@ class Filesystem:
         for _d, fd in self.basedir_fds:
             os.close(fd)
         self.basedir_fds = []
-        for f in self._files.values():
-            if f.obj is not None:
-                f.obj.close()
+        for served in self._objects.values():
+            served.obj.close()
+        self._objects.clear()
         self._files.clear()
 
-    # -- inodes --------------------------------------------------------------------------
+    # -- the index -------------------------------------------------------------------------
+
+    def _index(self) -> None:
+        """Walk the whole image once: check every structure a request could touch (so a
+        malformed image is refused before mounting, with the reader's error) and keep
+        each inode's attributes and each directory's visible entries, so that requests
+        are answered without parsing (about 250 bytes per entry).
+
+        Each directory is read once and may be reached once; their data may not add up to
+        more than the image, so overlapping directories cannot multiply the work.
+        """
+        image = self.image
+        root = image.inode(self.root_nid)
+        if not root.is_dir():
+            raise image._error(f"the root inode {root.nid} is not a directory")
+        self._attrs[root.nid] = self._check(root)
+        stack = [root]
+        budget = image.size
+        while stack:
+            ino = stack.pop()
+            budget -= ino.size
+            if budget < 0:
+                raise image._error("directories overlap (more entries than the image holds)")
+            names: list[bytes] = []
+            nids: list[int] = []
+            types: list[int] = []
+            for name, child, _ftype in image.iterdir(ino):
+                if name == b"." or name == b"..":
+                    names.append(name)
+                    nids.append(child)
+                    types.append(4)
+                    continue
+                attr = self._attrs.get(child)
+                child_ino = None
+                if attr is None:
+                    child_ino = image.inode(child)
+                    attr = self._attrs[child] = self._check(child_ino)
+                    if child_ino.is_dir():
+                        stack.append(child_ino)
+                mode = _ATTR_MODE.unpack_from(attr, _MODE_OFFSET)[0]
+                if mode & S_IFMT == S_IFDIR and child_ino is None:
+                    raise image._error(f"directory {child} is reached twice (from {ino.nid})")
+                if mode & S_IFMT == S_IFCHR and _ATTR_MODE.unpack_from(attr, _RDEV_OFFSET)[0] == 0:
+                    continue  # a whiteout: overlayfs hides those of its lowest layer
+                names.append(name)
+                nids.append(child)
+                types.append(_DT.get(mode & S_IFMT, 0))
+            self._dirs[ino.nid] = _Directory(names, nids, types)
+
+    def _check(self, ino: ImageInode) -> bytes:
+        """Read everything of an inode a request may ask for (raising on anything
+        malformed) and return its attributes, packed."""
+        image = self.image
+        ftype = ino.mode & S_IFMT
+        image.raw_xattrs(ino)
+        if ftype == S_IFLNK:
+            image.readlink(ino)
+        elif ftype == S_IFREG and ino.size and ino.layout != fmt.EROFS_INODE_CHUNK_BASED:
+            image.read_data(ino, ino.size)
+        elif ftype == S_IFDIR and ino.layout == fmt.EROFS_INODE_CHUNK_BASED:
+            raise image._error(f"directory {ino.nid} has a chunk-based layout", ino.tail_offset)
+        size = ino.size
+        return p.ATTR.pack(
+            ino.nid, size, (size + 511) // 512, ino.mtime_sec, ino.mtime_sec, ino.mtime_sec,
+            ino.mtime_nsec, ino.mtime_nsec, ino.mtime_nsec, ino.mode, ino.nlink, ino.uid,
+            ino.gid, ino.rdev, 4096, 0,
+        )  # fmt: skip
 
     def _nid(self, nodeid: int) -> int:
         return self.root_nid if nodeid == p.ROOT_ID else nodeid - 2
@@ -101,70 +197,52 @@ class Filesystem:
     def _nodeid(self, nid: int) -> int:
         return p.ROOT_ID if nid == self.root_nid else nid + 2
 
-    def inode(self, nid: int) -> ImageInode:
-        ino = self._inodes.get(nid)
-        if ino is None:
-            ino = self.image.inode(nid)
-            if len(self._inodes) > 1 << 20:
-                self._inodes.clear()  # a crude bound; the kernel caches what is hot anyway
-            self._inodes[nid] = ino
-        return ino
-
-    def _attr(self, ino: ImageInode) -> bytes:
-        mode = ino.mode
-        size = ino.size
-        return p.ATTR.pack(
-            ino.nid, size, (size + 511) // 512, ino.mtime_sec, ino.mtime_sec, ino.mtime_sec,
-            ino.mtime_nsec, ino.mtime_nsec, ino.mtime_nsec, mode, ino.nlink, ino.uid,
-            ino.gid, ino.rdev, 4096, 0,
-        )  # fmt: skip
+    def _attr(self, nid: int) -> bytes:
+        attr = self._attrs.get(nid)
+        if attr is None:
+            raise OSError(errno.ENOENT, "no such node")  # not from this image: a stale id
+        return attr
 
     def _entry(self, nid: int) -> bytes:
-        return p.ENTRY_OUT_HEAD.pack(self._nodeid(nid), 0, TIMEOUT, TIMEOUT, 0, 0) + self._attr(
-            self.inode(nid)
-        )
+        return _ENTRY_HEAD(self._nodeid(nid), 0, TIMEOUT, TIMEOUT, 0, 0) + self._attr(nid)
 
-    def _directory(self, nid: int) -> tuple[dict[bytes, int], list[tuple[bytes, int, int]]]:
-        """A directory's visible entries, by name and in order (``.``/``..`` first)."""
-        with self._lock:
-            cached = self._entries.get(nid)
-            if cached is not None:
-                self._entries.move_to_end(nid)
-                return cached
-        ino = self.inode(nid)
-        if not ino.is_dir():
+    def _directory(self, nid: int) -> _Directory:
+        directory = self._dirs.get(nid)
+        if directory is None:
             raise OSError(errno.ENOTDIR, "not a directory")
-        by_name: dict[bytes, int] = {}
-        listing: list[tuple[bytes, int, int]] = []
-        for name, child, _ftype in self.image.iterdir(ino):
-            if name == b"." or name == b"..":
-                listing.append((name, -child - 1, 4))  # negative: not looked up in readdirplus
-                continue
-            child_ino = self.inode(child)
-            if child_ino.is_stub_whiteout():
-                continue  # overlayfs hides whiteouts of its lowest layer
-            by_name[name] = child
-            listing.append((name, child, _DT.get(child_ino.mode & S_IFMT, 0)))
+        return directory
+
+    def _children(self, nid: int) -> dict[bytes, int]:
+        """A directory's entries by name, made on its first lookup and kept for a while."""
         with self._lock:
-            self._entries[nid] = (by_name, listing)
-            while len(self._entries) > 4096:
-                self._entries.popitem(last=False)
-        return by_name, listing
+            by_name = self._by_name.get(nid)
+            if by_name is not None:
+                self._by_name.move_to_end(nid)
+                return by_name
+        directory = self._directory(nid)
+        by_name = dict(zip(directory.names, directory.nids, strict=True))
+        by_name.pop(b".", None)  # not always first: "-" sorts before "."
+        by_name.pop(b"..", None)
+        with self._lock:
+            self._by_name[nid] = by_name
+            while len(self._by_name) > 1024:
+                self._by_name.popitem(last=False)
+        return by_name
 
     # -- requests ------------------------------------------------------------------------
 
     def lookup(self, nodeid: int, body: memoryview) -> bytes:
         name = bytes(body).split(b"\0", 1)[0]
-        child = self._directory(self._nid(nodeid))[0].get(name)
+        child = self._children(self._nid(nodeid)).get(name)
         if child is None:
             return _NEGATIVE  # a cached negative entry: the kernel will not ask again
         return self._entry(child)
 
     def getattr(self, nodeid: int, _body: memoryview) -> bytes:
-        return p.ATTR_OUT_HEAD.pack(TIMEOUT, 0, 0) + self._attr(self.inode(self._nid(nodeid)))
+        return _ATTR_OUT_HEAD + self._attr(self._nid(nodeid))
 
     def readlink(self, nodeid: int, _body: memoryview) -> bytes:
-        ino = self.inode(self._nid(nodeid))
+        ino = self.image.inode(self._nid(nodeid))
         if ino.mode & S_IFMT != stat.S_IFLNK:
             raise OSError(errno.EINVAL, "not a symlink")
         return self.image.readlink(ino)
@@ -173,111 +251,130 @@ class Filesystem:
         flags, _open_flags = p.OPEN_IN.unpack_from(body)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise OSError(errno.EROFS, "read-only")
-        ino = self.inode(self._nid(nodeid))
-        if ino.mode & S_IFMT != stat.S_IFREG:
-            raise OSError(errno.EISDIR if ino.is_dir() else errno.EINVAL, "not a file")
-        payload, digest = self.image.backing_file(ino)
-        backing_id = 0
-        open_flags = p.FOPEN_KEEP_CACHE
-        if payload is None:
-            data = None
-            if ino.layout != fmt.EROFS_INODE_CHUNK_BASED and ino.size:
-                data = self.image.read_data(ino, ino.size)
-            handle = _OpenFile(ino.nid, None, data, 0)
-        else:
+        nid = self._nid(nodeid)
+        served = self._object(nid)
+        if served is None:
+            ino = self.image.inode(nid)
+            if ino.mode & S_IFMT != S_IFREG:
+                raise OSError(errno.EISDIR if ino.is_dir() else errno.EINVAL, "not a file")
+            payload, digest = self.image.backing_file(ino)
+            if payload is None:
+                data: bytes | None = b""
+                if ino.layout != fmt.EROFS_INODE_CHUNK_BASED and ino.size:
+                    data = self.image.read_data(ino, ino.size)
+                elif ino.size:
+                    data = None  # all holes
+                handle = _OpenFile(nid, None, data, ino.size)
+                return p.OPEN_OUT.pack(self._add_handle(handle), p.FOPEN_KEEP_CACHE, 0)
             obj = open_object(
                 self.basedir_fds, payload, ino.size, digest, verify=self.options.verify,
                 cache=self.block_hashes,
             )  # fmt: skip
-            backing_id = self._passthrough(ino.nid, obj)
-            if backing_id:
-                open_flags = p.FOPEN_PASSTHROUGH  # the kernel takes no other flag with it
-            handle = _OpenFile(ino.nid, obj, None, backing_id)
-        with self._lock:
-            fh = self._next_fh
-            self._next_fh += 1
-            self._files[fh] = handle
-        return p.OPEN_OUT.pack(fh, open_flags, backing_id)
+            served = self._keep_object(nid, obj)
+        handle = _OpenFile(nid, served, None, served.obj.size)
+        fh = self._add_handle(handle)
+        if served.backing_id:
+            return p.OPEN_OUT.pack(fh, p.FOPEN_PASSTHROUGH, served.backing_id)
+        return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE, 0)
 
-    def _passthrough(self, nid: int, obj: ServedObject) -> int:
+    def _object(self, nid: int) -> _Served | None:
+        """The object already open for this inode (counted as used once more), if any."""
+        with self._lock:
+            served = self._objects.get(nid)
+            if served is not None:
+                served.handles += 1
+                self._objects.move_to_end(nid)
+            return served
+
+    def _keep_object(self, nid: int, obj: ServedObject) -> _Served:
+        """Keep an object open for later opens of its inode (opening and checking it again
+        is most of an open's cost), with its passthrough registration if it gets one."""
+        fresh = _Served(obj, self._passthrough(obj))
+        with self._lock:
+            served = self._objects.setdefault(nid, fresh)
+            served.handles += 1
+            evicted = []
+            if len(self._objects) > _KEPT_OBJECTS:
+                idle = [n for n, s in self._objects.items() if not s.handles]
+                evicted = [self._objects.pop(n) for n in idle[: len(self._objects) - _KEPT_OBJECTS]]
+        if served is not fresh:
+            evicted.append(fresh)  # another thread opened it meanwhile: keep theirs
+        for old in evicted:
+            if old.backing_id and self.backing_close is not None:
+                self.backing_close(old.backing_id)
+            old.obj.close()
+        return served
+
+    def _passthrough(self, obj: ServedObject) -> int:
         """A backing id for the kernel to read ``obj`` itself, or 0 to serve reads here.
 
         Passing through gives native reads and one page cache with every other mount of
         the object, but the kernel then reads the file without us: only objects whose
         every read stays checked qualify.  That is an object with kernel fs-verity, or one
         fully checked against its digest that only root can change (the server runs as
-        root to pass through at all).  One backing file per inode, as the kernel wants.
+        root to pass through at all).  The kernel wants one backing file per inode: the
+        object kept per inode gives that.
         """
         if self.backing_open is None or not obj.trusted_for_passthrough():
             return 0
+        try:
+            return self.backing_open(obj.fd)
+        except OSError:
+            return 0  # e.g. an object store on a stacked filesystem: too deep
+
+    def _add_handle(self, handle: _OpenFile) -> int:
         with self._lock:
-            shared = self._backing.get(nid)
-            if shared is not None:
-                self._backing[nid] = (shared[0], shared[1] + 1)
-                return shared[0]
-            try:
-                backing_id = self.backing_open(obj.fd)
-            except OSError:
-                return 0  # e.g. an object store on a stacked filesystem: too deep
-            self._backing[nid] = (backing_id, 1)
-            return backing_id
+            fh = self._next_fh
+            self._next_fh += 1
+            self._files[fh] = handle
+        return fh
 
     def read(self, _nodeid: int, body: memoryview) -> bytes:
         fh, offset, size, *_rest = p.READ_IN.unpack_from(body)
         handle = self._files.get(fh)
         if handle is None:
             raise OSError(errno.EBADF, "unknown file handle")
-        if handle.obj is not None:
-            return handle.obj.read(offset, size)
+        if handle.served is not None:
+            return handle.served.obj.read(offset, size)
         if handle.data is None:
-            ino = self.inode(self._nid(_nodeid))
-            end = min(offset + size, ino.size)
-            return bytes(max(0, end - offset))  # a file of holes
+            return bytes(max(0, min(offset + size, handle.size) - offset))  # a file of holes
         return handle.data[offset : offset + size]
 
     def release(self, _nodeid: int, body: memoryview) -> bytes:
         fh = p.RELEASE_IN.unpack_from(body)[0]
-        closing = 0
         with self._lock:
             handle = self._files.pop(fh, None)
-            if handle is not None and handle.backing_id:
-                backing_id, count = self._backing[handle.nid]
-                if count > 1:
-                    self._backing[handle.nid] = (backing_id, count - 1)
-                else:
-                    del self._backing[handle.nid]
-                    closing = backing_id
-        if closing and self.backing_close is not None:
-            self.backing_close(closing)
-        if handle is not None and handle.obj is not None:
-            handle.obj.close()
+            if handle is not None and handle.served is not None:
+                handle.served.handles -= 1  # stays open, for the next open of the inode
         return b""
 
     def readdir(self, nodeid: int, body: memoryview, plus: bool = False) -> bytes:
         _fh, offset, size, *_rest = p.READ_IN.unpack_from(body)
-        listing = self._directory(self._nid(nodeid))[1]
-        out = bytearray()
-        for index in range(offset, len(listing)):
-            name, child, dtype = listing[index]
+        directory = self._directory(self._nid(nodeid))
+        names, nids, types = directory
+        out = []
+        used = 0
+        pack = p.DIRENT_HEAD.pack
+        for index in range(offset, len(names)):
+            name = names[index]
             namelen = len(name)
-            dot = child < 0
-            ino = -child - 1 if dot else child
-            record = p.DIRENT_HEAD.pack(ino, index + 1, namelen, dtype)
-            record += name + bytes(-(p.DIRENT_HEAD.size + namelen) % 8)
+            record = pack(nids[index], index + 1, namelen, types[index]) + name
+            record += _PADDING[(p.DIRENT_HEAD.size + namelen) % 8]
             if plus:
-                # node id 0: "no entry to instantiate", what "." and ".." want
-                entry = _NO_ENTRY if dot else self._entry(child)
-                record = entry + record
-            if len(out) + len(record) > size:
+                # node id 0 means "nothing to instantiate", what "." and ".." want
+                dot = name == b"." or name == b".."
+                record = (_NO_ENTRY if dot else self._entry(nids[index])) + record
+            used += len(record)
+            if used > size:
                 break
-            out += record
-        return bytes(out)
+            out.append(record)
+        return b"".join(out)
 
     def readdirplus(self, nodeid: int, body: memoryview) -> bytes:
         return self.readdir(nodeid, body, plus=True)
 
     def _visible_xattrs(self, nodeid: int, root: bool) -> dict[bytes, bytes]:
-        ino = self.inode(self._nid(nodeid))
+        ino = self.image.inode(self._nid(nodeid))
         out: dict[bytes, bytes] = {}
         for key, value in self.image.raw_xattrs(ino):
             if key.startswith(_OVERLAY):

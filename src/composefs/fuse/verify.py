@@ -27,6 +27,7 @@ from composefs import fsverity
 from composefs.fsverity import BLOCK_SIZE, DIGEST_SIZE
 
 log = logging.getLogger("composefs.fuse")
+_WORKERS = min(4, len(os.sched_getaffinity(0)))  # threads hashing one large object
 
 
 class ObjectError(OSError):
@@ -186,7 +187,7 @@ def _checked(
             with cache.build_lock(digest):
                 leaves = cache.get(digest)
                 if leaves is None:
-                    leaves, computed = fsverity.block_hashes_fd(fd, size)
+                    leaves, computed = fsverity.block_hashes_fd(fd, size, workers=_WORKERS)
                     if computed != digest:
                         log.error(
                             "object %s has fs-verity digest %s, not %s", name, computed.hex(),

@@ -1,0 +1,204 @@
+#!/usr/bin/env python3
+"""Benchmark: composefs-fuse, ours (verifying) and the reference's (not verifying), as root.
+
+* ``find`` and ``ls -lR`` over the cs9 developer image (64k entries), cold (a fresh
+  mount, caches dropped) and warm;
+* a sequential read of a 1 GiB file, cold and warm, in MB/s;
+* ``tar -cf - -C MNT . | cat >/dev/null`` over an image of a real tree (default ``/usr``),
+  warm, in MB/s, beside the kernel mount of the same image;
+* page-cache sharing: two mounts of that image, each tarred once from cold; how much
+  ``Cached`` grows for the second one (near zero when the mounts share the objects' pages).
+
+Times are best of N; ratios are ours / reference in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+from measure import CS9_DUMP, REPO
+
+from composefs import dumpfile
+from composefs.erofs.writer import build_image
+from composefs.mount import MountOptions, mount, unmount
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def cached() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Cached:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no Cached in /proc/meminfo")
+
+
+def timed(cmd: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, shell=True, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+@contextmanager
+def fuse(exe: str, image: Path, store: Path, mnt: Path) -> Iterator[None]:
+    proc = subprocess.Popen([exe, "-f", "-o", f"source={image},basedir={store}", str(mnt)])
+    try:
+        for _ in range(600):
+            if os.path.ismount(mnt):
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"{exe} exited with {proc.returncode}")
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"{exe} did not mount {mnt}")
+        yield
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+        proc.wait(timeout=30)
+
+
+@contextmanager
+def kernel(image: Path, store: Path, mnt: Path) -> Iterator[None]:
+    mount(image, mnt, MountOptions(basedirs=(str(store),), readonly=True))
+    try:
+        yield
+    finally:
+        unmount(mnt)
+
+
+Mounter = Callable[[], AbstractContextManager[None]]
+
+
+def cold_warm(mounter: Mounter, cmd: str, runs: int) -> tuple[float, float]:
+    cold, warm = [], []
+    for _ in range(runs):
+        drop_caches()
+        with mounter():
+            cold.append(timed(cmd))
+            warm.append(timed(cmd))
+    return min(cold), min(warm)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--reference", help="path of the reference composefs-fuse")
+    ap.add_argument("--ours", default=str(REPO / ".venv/bin/composefs-fuse"))
+    ap.add_argument("--source", default="/usr", help="tree for the tar test (default /usr)")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("bench_fuse: needs root (dropping caches, kernel mounts)", file=sys.stderr)
+        return 1
+    reference = args.reference or shutil.which("composefs-fuse")
+    if reference and Path(reference).resolve() == Path(args.ours).resolve():
+        reference = None
+    servers = {"composefs-py": args.ours}
+    if reference:
+        servers["reference"] = reference
+
+    def report(title: str, rows: dict[str, tuple[float, ...]], unit: str) -> None:
+        print(title)
+        for name, values in rows.items():
+            shown = "  ".join(f"{v:9.1f} {unit}" for v in values)
+            ratio = ""
+            if reference and name == "composefs-py" and "reference" in rows:
+                ratio = (
+                    "  ("
+                    + ", ".join(
+                        f"{v / r:.2f}x" for v, r in zip(values, rows["reference"], strict=True)
+                    )
+                    + " of reference)"
+                )
+            print(f"  {name:14s} {shown}{ratio}")
+
+    with tempfile.TemporaryDirectory(prefix="bench-fuse-") as tmp_name:
+        tmp = Path(tmp_name)
+        mnt, empty = tmp / "mnt", tmp / "empty"
+        mnt.mkdir()
+        empty.mkdir()
+
+        # metadata: the cs9 tree, no objects needed
+        cs9 = tmp / "cs9.cfs"
+        cs9.write_bytes(build_image(dumpfile.parse(gzip.decompress(CS9_DUMP.read_bytes()))))
+        for walk, cmd in (("find", f"find {mnt}"), ("ls -lR", f"ls -lR {mnt}")):
+            rows = {}
+            for name, exe in servers.items():
+                cold, warm = cold_warm(lambda e=exe: fuse(e, cs9, empty, mnt), cmd, args.runs)
+                rows[name] = (cold * 1000, warm * 1000)
+            cold, warm = cold_warm(lambda: kernel(cs9, empty, mnt), cmd, args.runs)
+            rows["kernel mount"] = (cold * 1000, warm * 1000)
+            report(f"{walk} over cs9 (cold, warm)", rows, "ms")
+
+        # a 1 GiB file
+        big_src, big_store, big = tmp / "big-src", tmp / "big-store", tmp / "big.cfs"
+        big_src.mkdir()
+        with open(big_src / "big", "wb") as f:
+            for _ in range(1024):
+                f.write(os.urandom(1 << 20))
+        subprocess.run(
+            [str(REPO / ".venv/bin/mkcomposefs"), f"--digest-store={big_store}", str(big_src),
+             str(big)], check=True,
+        )  # fmt: skip
+        shutil.rmtree(big_src)
+        rows = {}
+        for name, exe in servers.items():
+            cold, warm = cold_warm(
+                lambda e=exe: fuse(e, big, big_store, mnt), f"cat {mnt}/big", args.runs
+            )
+            rows[name] = ((1 << 30) / cold / 1e6, (1 << 30) / warm / 1e6)
+        cold, warm = cold_warm(lambda: kernel(big, big_store, mnt), f"cat {mnt}/big", args.runs)
+        rows["kernel mount"] = ((1 << 30) / cold / 1e6, (1 << 30) / warm / 1e6)
+        report("sequential read of 1 GiB (cold, warm)", rows, "MB/s")
+        shutil.rmtree(big_store)
+
+        # tar of a real tree, and page-cache sharing
+        tree_store, tree = tmp / "tree-store", tmp / "tree.cfs"
+        subprocess.run(
+            [str(REPO / ".venv/bin/mkcomposefs"), f"--digest-store={tree_store}", args.source,
+             str(tree)], check=True,
+        )  # fmt: skip
+        du = subprocess.run(["du", "-sb", str(tree_store)], capture_output=True, text=True)
+        total = int(du.stdout.split()[0])
+        print(f"tar source: {args.source}, {total / 1e9:.2f} GB of objects")
+        tar = f"tar -cf - -C {mnt} . | cat >/dev/null"
+        rows = {}
+        mounters: dict[str, Mounter] = {
+            name: (lambda e=exe: fuse(e, tree, tree_store, mnt)) for name, exe in servers.items()
+        }
+        mounters["kernel mount"] = lambda: kernel(tree, tree_store, mnt)
+        for name, mounter in mounters.items():
+            with mounter():
+                timed(tar)  # warm up
+                warm = min(timed(tar) for _ in range(args.runs))
+            rows[name] = (total / warm / 1e6,)
+        report("warm tar to a pipe", rows, "MB/s")
+
+        print("page cache, two mounts of one image: Cached growth for the first and second tar")
+        mnt2 = tmp / "mnt2"
+        mnt2.mkdir()
+        for name, exe in servers.items():
+            with fuse(exe, tree, tree_store, mnt), fuse(exe, tree, tree_store, mnt2):
+                drop_caches()
+                c0 = cached()
+                timed(f"tar -cf - -C {mnt} . | cat >/dev/null")
+                c1 = cached()
+                timed(f"tar -cf - -C {mnt2} . | cat >/dev/null")
+                c2 = cached()
+            print(f"  {name:14s} first {(c1 - c0) / 1e6:8.0f} MB  second {(c2 - c1) / 1e6:8.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
