@@ -31,7 +31,6 @@ from composefs.dumpfile import (
     escape,
     escape_optional,
     iter_lines,
-    needs_escape,
     node_fields,
 )
 from composefs.erofs import format as fmt
@@ -52,7 +51,12 @@ from composefs.tree import (
 )
 
 PATH_MAX = 4096
+# Bytes to test with ``in`` as ints: with a bytes operand, bytes.__contains__ first tries
+# it as an int and pays for the TypeError, many times the cost of the search itself.
+_SLASH = 0x2F
+_NUL = 0
 _DIRENT = fmt.DIRENT
+_DIRENT_SIZE = fmt.DIRENT.size
 _COMPACT = fmt.INODE_COMPACT
 _EXTENDED = fmt.INODE_EXTENDED
 _XATTR_ENTRY = fmt.XATTR_ENTRY
@@ -319,13 +323,14 @@ class Image:
 
     # -- directories ---------------------------------------------------------------------------
 
-    def _dir_chunks(self, ino: ImageInode) -> Iterator[tuple[int, int]]:
+    def _dir_chunks(self, ino: ImageInode) -> list[tuple[int, int]]:
         """(offset, length) of each directory chunk: the blocks, then the inline tail."""
         start, in_blocks, tail = self._flat_parts(ino)
-        for off in range(start, start + in_blocks, BLOCK_SIZE):
-            yield off, min(BLOCK_SIZE, start + in_blocks - off)
+        end = start + in_blocks  # inside the image: at most one entry per block of it
+        chunks = [(off, min(BLOCK_SIZE, end - off)) for off in range(start, end, BLOCK_SIZE)]
         if tail:
-            yield ino.tail_offset, tail
+            chunks.append((ino.tail_offset, tail))
+        return chunks
 
     def _chunk_entries(self, nid: int, off: int, length: int) -> Iterator[tuple[bytes, int, int]]:
         data = self._data
@@ -351,7 +356,7 @@ class Image:
                 nul = name.find(b"\0")
                 if nul >= 0:
                     name = name[:nul]
-            if not name or len(name) > NAME_MAX or b"/" in name or b"\0" in name:
+            if not name or len(name) > NAME_MAX or _SLASH in name or _NUL in name:
                 raise self._error(f"directory {nid}: invalid entry name {name!r}", name_start)
             yield name, child, ftype
 
@@ -636,16 +641,18 @@ class Image:
         other area, which the careful path then reads."""
         data = self._data
         m = _EXTERNAL_XATTRS.fullmatch(data, start, end)
-        if m is not None:  # the redirect inline: the common forms, in one step
-            digest, shared_ref, size, value = m.groups()
-            if len(value) + 1 != size[0] | size[1] << 8:
+        if m is not None:  # the common forms, in one step
+            digest, ref, size, value, refs = m.groups()
+            if refs is None and len(value) + 1 != size[0] | size[1] << 8:
                 return None
-            if shared_ref is None:
-                return value, digest
-            key, shared = self._shared_xattr(nid, int.from_bytes(shared_ref, "little"))
-            if key != fmt.OVERLAY_METACOPY:
-                return None
-            return value, shared[4:] if len(shared) == fmt.METACOPY_SIZE else None
+            if ref or refs:
+                shared = self._shared_external(nid, ref or refs)
+                if shared is None:
+                    return None
+                digest = shared[0]
+                if refs:
+                    value = shared[1]
+            return value, digest
         shared_count = data[start + 4]
         p = start + 12 + 4 * shared_count
         if p > end or shared_count > 2:
@@ -734,7 +741,6 @@ class Image:
         # streams its output instead.
         path_budget = 8 * self.size + (1 << 20)
         fast_node = self._fast_node
-        spend = self._spend
         data = self._data
         size = self.size
         meta = self.header.meta_offset
@@ -742,8 +748,8 @@ class Image:
         build_nsec = self.header.build_time_nsec
         unpack = _COMPACT.unpack_from
         match_external = _EXTERNAL_XATTRS.fullmatch
-        # digest of each shared metacopy entry, by the raw 4-byte reference
-        digests: dict[bytes, bytes | None] = {}
+        # _shared_external of each set of shared references met
+        externals: dict[bytes, tuple[bytes | None, bytes]] = {}
         # "MODE NLINK UID GID RDEV MTIME " is shared by most files of an image
         mids: dict[tuple[int, int, int, int, int, int], bytes] = {}
         out: list[bytes] = [b"/", *node_fields(self.to_inode(root_ino))]
@@ -785,14 +791,26 @@ class Image:
                         m = match_external(data, off + 32, end)
                         if m is not None:
                             digest: bytes | None
-                            digest, ref, rsize, payload = m.groups()
-                            if ref is not None:  # a shared metacopy
-                                try:
-                                    digest = digests[ref]
-                                except KeyError:
-                                    digest = digests[ref] = self._shared_digest(nid, ref)
-                            if len(payload) + 1 == rsize[0] | rsize[1] << 8:
-                                spend(end - off - 32, off + 32)
+                            digest, ref, rsize, payload, refs = m.groups()
+                            ok = rsize is None or len(payload) + 1 == rsize[0] | rsize[1] << 8
+                            ref = ref or refs
+                            if ok and ref:
+                                shared = externals.get(ref)
+                                if shared is None:
+                                    shared = self._shared_external(nid, ref)
+                                    if shared is None:
+                                        ok = False  # _fast_node tells what it is
+                                    else:
+                                        externals[ref] = shared
+                                if shared is not None:
+                                    digest = shared[0]
+                                    if refs:
+                                        payload = shared[1]
+                            if ok:
+                                # _spend, inline; the careful path reports running out
+                                self._budget -= end - off - 32
+                                if self._budget < 0:
+                                    raise _Declined
                                 key = (mode, nlink, uid, gid, build_time, build_nsec)
                                 mid = mids.get(key, b"")
                                 if not mid:
@@ -804,7 +822,7 @@ class Image:
                                     else b" - %b\n" % digest.hex().encode()
                                 )
                                 seen[nid] = (prefix, name, head, mid, tail)
-                                if payload.translate(None, FIELD_SAFE) or payload == b"-":
+                                if refs or payload == b"-":  # else it needs no escapes
                                     payload = escape_optional(payload)
                                 out += (prefix, name, head, mid, payload, tail)
                                 continue
@@ -833,20 +851,33 @@ class Image:
                 stack.pop()
         return [b"".join(out)]
 
-    def _shared_digest(self, nid: int, ref: bytes) -> bytes | None:
-        """The digest of the shared metacopy entry ``ref`` (4 raw bytes) refers to; for
-        another shared entry in its place the fast dump gives up (no writer does that)."""
-        key, value = self._shared_xattr(nid, int.from_bytes(ref, "little"))
-        if key != fmt.OVERLAY_METACOPY:
-            raise _Declined
-        return value[4:] if len(value) == fmt.METACOPY_SIZE else None
+    def _shared_external(self, nid: int, refs: bytes) -> tuple[bytes | None, bytes] | None:
+        """(digest, payload) of an external file's shared xattrs, ``refs`` their raw 4-byte
+        references: one metacopy, or a metacopy and a redirect (``b""`` for the payload
+        when there is no redirect).  None for any other set."""
+        digest = payload = None
+        metacopy = False
+        for i in range(0, len(refs), 4):
+            key, value = self._shared_xattr(nid, int.from_bytes(refs[i : i + 4], "little"))
+            if key == fmt.OVERLAY_METACOPY and not metacopy:
+                metacopy = True
+                digest = value[4:] if len(value) == fmt.METACOPY_SIZE else None
+            elif key == fmt.OVERLAY_REDIRECT and payload is None:
+                if len(value) < 2 or value[0] != 0x2F or b"\0" in value:  # "/"
+                    return None
+                payload = value[1:]
+            else:
+                return None
+        if not metacopy or (payload is None) != (len(refs) == 4):
+            return None
+        return digest, payload or b""
 
     def _fast_node(
         self, nid: int, mids: dict[tuple[int, int, int, int, int, int], bytes]
     ) -> tuple[bytes, bytes, bytes, bytes, ImageInode | None] | None:
         """For :meth:`_fast_dump`, the line pieces of :func:`dumpfile.node_fields` (and the
         ImageInode of a directory) straight from the image, for the inodes writers make
-        most: external files, empty files, directories without xattrs.  None for any
+        most: external files, empty files, directories and symlinks without xattrs.  None for any
         other inode, left to :meth:`_tree_node`.  The checks are those of
         :meth:`_tree_node`, the work spent the same."""
         data = self._data
@@ -879,22 +910,26 @@ class Image:
                     return None
                 self._spend(end - xattr_offset, xattr_offset)
                 payload, digest = external
-                tail = b" - -\n" if digest is None else b" - %b\n" % digest.hex().encode()
+                tail = _NO_DIGEST if digest is None else b" - %b\n" % digest.hex().encode()
                 payload = escape_optional(payload)
             elif not size and not icount:
                 payload = b"-"
-                tail = b" - -\n"
+                tail = _NO_DIGEST
             else:
                 return None
             info = None
-        elif ftype == S_IFDIR and not icount and layout != fmt.EROFS_INODE_CHUNK_BASED:
+        elif ftype in _DIR_OR_LINK and not icount and layout != fmt.EROFS_INODE_CHUNK_BASED:
             if layout:
                 self._check_inode(nid, mode, layout, size, i_u, end)
-            info = ImageInode(
-                nid, ino, mode, nlink, uid, gid, size, mtime, nsec, i_u, layout, 0, 0, end
+            info = ImageInode._make(
+                (nid, ino, mode, nlink, uid, gid, size, mtime, nsec, i_u, layout, 0, 0, end)
             )
             payload = b"-"
-            tail = b" - -\n"
+            if ftype == S_IFLNK:
+                self._spend(size, end)
+                payload = escape_optional(self.readlink(info))
+                info = None
+            tail = _NO_DIGEST
         else:
             return None
         key = (mode, nlink, uid, gid, mtime, nsec)
@@ -912,48 +947,54 @@ class Image:
         data = self._data
         names: list[bytes] = []
         nids: list[int] = []
+        escaping = False
         for off, length in self._dir_chunks(ino):
             self._spend(length, off)
             block = data[off : off + length]
-            first = block[8] | block[9] << 8 if length >= _DIRENT.size else 0
-            if first < _DIRENT.size or first % _DIRENT.size or first > length:
+            first = block[8] | block[9] << 8 if length >= _DIRENT_SIZE else 0
+            if first < _DIRENT_SIZE or first % _DIRENT_SIZE or first > length:
                 raise _Declined
-            records = _dirents(first // _DIRENT.size).unpack_from(block)
+            records = _dirents(first // _DIRENT_SIZE).unpack_from(block)
             starts = records[1::2]
-            ends = (*starts[1:], length)
-            # names are non-empty and inside the chunk when their offsets increase
-            if not all(map(_lt, starts, ends)):
+            chunk_names = [block[a:b] for a, b in zip(starts, (*starts[1:], length), strict=True)]
+            # no name is empty iff the offsets increase and stay inside the chunk
+            if not all(chunk_names):
                 raise _Declined
-            chunk_names = list(map(block.__getitem__, map(slice, starts, ends)))
             last = chunk_names[-1]
             nul = last.find(b"\0")
             if nul >= 0:
                 chunk_names[-1] = last = last[:nul]
             # all the names, one after the other
             text = block[first : starts[-1] + len(last)]
-            if not last or b"/" in text or b"\0" in text:
+            if not last or _SLASH in text or _NUL in text:
                 raise _Declined
             if len(text) > NAME_MAX and max(map(len, chunk_names)) > NAME_MAX:
                 raise _Declined
+            escaping = escaping or bool(text.translate(None, FIELD_SAFE))
             names += chunk_names
             nids += records[::2]
         if not all(map(_lt, names, names[1:])):
             raise _Declined
-        # sorted, so at most one of each, and found by bisection
-        for dot in (b".", b".."):
-            i = bisect_left(names, dot)
-            if i < len(names) and names[i] == dot:
-                del names[i], nids[i]
+        # sorted, so at most one of each: first, unless some name sorts before "."
+        if names[:2] == _DOTS:
+            del names[:2], nids[:2]
+        else:
+            for dot in _DOTS:
+                i = bisect_left(names, dot)
+                if i < len(names) and names[i] == dot:
+                    del names[i], nids[i]
         if wanted is not None:
             kept = [i for i, name in enumerate(names) if name in wanted]
             names = [names[i] for i in kept]
             nids = [nids[i] for i in kept]
-        if needs_escape(b"".join(names)):
+        if escaping:
             names = [escape(name) for name in names]
         return names, nids
 
 
 _COMPACT_CHUNK_BASED = fmt.EROFS_INODE_CHUNK_BASED << fmt.EROFS_I_DATALAYOUT_BIT
+_DIR_OR_LINK = (S_IFDIR, S_IFLNK)
+_DOTS = [b".", b".."]
 _NO_DIGEST = b" - -\n"  # the end of a line without CONTENT, DIGEST and xattrs
 # i_format of the inodes _fast_node decodes: compact or extended, any data layout
 _FAST_FORMATS = frozenset(v << 1 | e for v in _LAYOUTS for e in (0, 1))
@@ -977,12 +1018,15 @@ _METACOPY_PREFIX = (
 )
 _REDIRECT_PREFIX = bytes([16, fmt.EROFS_XATTR_INDEX_TRUSTED])
 _REDIRECT_SUFFIX = b"overlay.redirect"
-# The xattr area the writer gives most external files: the header, then either no shared
+# The xattr areas the writer gives external files: the header, then either no shared
 # reference and an inline metacopy (with a digest or none), or one shared reference (the
-# metacopy, many files having none or the same digest); then the redirect "/" + payload,
-# and zero padding.  The payload stops at the first NUL; its length must still match.
+# metacopy: many files have none, or the same digest), then the inline redirect "/" +
+# payload and zero padding (a payload printed as it is, without escapes; its length must
+# match); or two shared references, the metacopy and the redirect (files with the same
+# content).  Groups: inline digest, one reference, redirect size, payload, two references.
 _EXTERNAL_XATTRS = re.compile(
-    rb"....(?:\x00.{7}(?:%b|%b(.{32}))|\x01.{7}(....))%b(..)%b/([^\x00]+)\x00{0,3}"
+    rb"....(?:\x00.{7}(?:%b|%b(.{32}))|\x01.{7}(....))%b(..)%b/([!-\[\]-~]+)\x00{0,3}"
+    rb"|....\x02.{7}(.{8})"
     % (
         re.escape(_METACOPY_ENTRY),
         re.escape(_METACOPY_PREFIX),
