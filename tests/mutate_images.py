@@ -104,8 +104,19 @@ def exercise(data: bytes, paths: Sequence[bytes] = ()) -> str:
             failed += 1
 
     def whole() -> None:
-        tree = img.to_tree()
-        dumpfile.dumps(tree)
+        # the fast dump must print what the Tree's dump prints, or fail with the same error
+        try:
+            fast: bytes | str = b"".join(img.dump_text())
+        except FormatError as e:
+            fast = e.message
+        try:
+            tree = img.to_tree()
+        except FormatError as e:
+            if fast != e.message:
+                raise AssertionError(f"dump_text gave {fast[:80]!r}, to_tree {e}") from None
+            raise
+        if fast != dumpfile.dumps(tree):
+            raise AssertionError("dump_text differs from the dump of to_tree")
         for _ in ls_lines(tree):
             pass
 

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Iterator
 
 from composefs.dumpfile import escape, escape_match, iter_lines
+from composefs.erofs.reader import Image
 from composefs.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Tree
 
 # `ls` escapes like the dump format, but leaves spaces alone (printable, not graphic).
@@ -47,6 +48,12 @@ def ls_lines(tree: Tree) -> Iterator[bytes]:
 def dump_lines(tree: Tree) -> Iterator[bytes]:
     """``composefs-info dump``: the composefs-dump(5) text of the tree."""
     return iter_lines(tree)
+
+
+def dump_image(image: Image, filter: Iterable[bytes] | None = None) -> Iterable[bytes]:
+    """``composefs-info dump`` of an image: ``dump_lines(image.to_tree(filter=filter))``,
+    read straight from the image when it can (:meth:`Image.dump_text`)."""
+    return image.dump_text(filter=filter)
 
 
 def object_paths(tree: Tree) -> set[bytes]:

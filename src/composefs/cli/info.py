@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from composefs import imageinfo
 from composefs.cli import ToolArgumentParser, UsageError, console_entry, fail, run_tool
 from composefs.erofs.reader import Image
 from composefs.errors import FormatError
-from composefs.tree import Tree
 
 PROG = "composefs-info"
+_T = TypeVar("_T")
 COMMANDS = ("ls", "dump", "objects", "missing-objects", "measure-file")
 
 
@@ -71,13 +72,18 @@ def _run(a: argparse.Namespace) -> int:
     filters = [os.fsencode(f) for f in a.filter] or None
     objects: set[bytes] = set()
     for path in a.paths:
-        tree = _load(path, filters)
+        if a.command == "dump":
+            # straight from the image, without a Tree when it can
+            lines = _load(path, lambda image: imageinfo.dump_image(image, filters))
+            if lines is None:
+                return 1
+            _write(lines)
+            continue
+        tree = _load(path, lambda image: image.to_tree(filter=filters))
         if tree is None:
             return 1
         if a.command == "ls":
             _write(imageinfo.ls_lines(tree))
-        elif a.command == "dump":
-            _write(imageinfo.dump_lines(tree))
         else:
             objects |= imageinfo.object_paths(tree)
     if a.command == "objects":
@@ -89,10 +95,11 @@ def _run(a: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: str, filters: list[bytes] | None) -> Tree | None:
+def _load(path: str, read: Callable[[Image], _T]) -> _T | None:
+    """``read(image)``, or None once the error is reported."""
     try:
         with Image(path) as image:
-            return image.to_tree(filter=filters)
+            return read(image)
     except FormatError as e:
         fail(PROG, f"Failed to load '{path}': {e.message}")
     except OSError as e:

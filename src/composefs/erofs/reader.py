@@ -16,12 +16,23 @@ does not read past the end of a redirect value (its §5.4 quirk).
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
+import re
 import struct
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+from operator import lt as _lt
 from typing import BinaryIO, NamedTuple
 
+from composefs.dumpfile import (
+    FIELD_SAFE,
+    escape,
+    escape_optional,
+    iter_lines,
+    node_fields,
+)
 from composefs.erofs import format as fmt
 from composefs.erofs.format import BLOCK_SIZE
 from composefs.errors import FormatError, UnsupportedVersionError
@@ -40,7 +51,12 @@ from composefs.tree import (
 )
 
 PATH_MAX = 4096
+# Bytes to test with ``in`` as ints: with a bytes operand, bytes.__contains__ first tries
+# it as an int and pays for the TypeError, many times the cost of the search itself.
+_SLASH = 0x2F
+_NUL = 0
 _DIRENT = fmt.DIRENT
+_DIRENT_SIZE = fmt.DIRENT.size
 _COMPACT = fmt.INODE_COMPACT
 _EXTENDED = fmt.INODE_EXTENDED
 _XATTR_ENTRY = fmt.XATTR_ENTRY
@@ -307,13 +323,14 @@ class Image:
 
     # -- directories ---------------------------------------------------------------------------
 
-    def _dir_chunks(self, ino: ImageInode) -> Iterator[tuple[int, int]]:
+    def _dir_chunks(self, ino: ImageInode) -> list[tuple[int, int]]:
         """(offset, length) of each directory chunk: the blocks, then the inline tail."""
         start, in_blocks, tail = self._flat_parts(ino)
-        for off in range(start, start + in_blocks, BLOCK_SIZE):
-            yield off, min(BLOCK_SIZE, start + in_blocks - off)
+        end = start + in_blocks  # inside the image: at most one entry per block of it
+        chunks = [(off, min(BLOCK_SIZE, end - off)) for off in range(start, end, BLOCK_SIZE)]
         if tail:
-            yield ino.tail_offset, tail
+            chunks.append((ino.tail_offset, tail))
+        return chunks
 
     def _chunk_entries(self, nid: int, off: int, length: int) -> Iterator[tuple[bytes, int, int]]:
         data = self._data
@@ -339,7 +356,7 @@ class Image:
                 nul = name.find(b"\0")
                 if nul >= 0:
                     name = name[:nul]
-            if not name or len(name) > NAME_MAX or b"/" in name or b"\0" in name:
+            if not name or len(name) > NAME_MAX or _SLASH in name or _NUL in name:
                 raise self._error(f"directory {nid}: invalid entry name {name!r}", name_start)
             yield name, child, ftype
 
@@ -441,16 +458,8 @@ class Image:
                 self._xattr_entry(nid, pos, end)  # raises the precise error
             out.append((prefix + data[name_start:value_start], data[value_start:value_end]))  # type: ignore[operator]
             pos += (7 + name_len + value_size) & ~3
-        if shared_count:
-            base = self.header.xattr_offset
-            shared = self._shared
-            for i in range(shared_count):
-                idx = _U32.unpack_from(data, start + 12 + 4 * i)[0]
-                pair = shared.get(idx)
-                if pair is None:
-                    key, value, _size = self._xattr_entry(nid, base + 4 * idx, self.size)
-                    pair = shared[idx] = (key, value)
-                out.append(pair)
+        for i in range(shared_count):
+            out.append(self._shared_xattr(nid, _U32.unpack_from(data, start + 12 + 4 * i)[0]))
         return out
 
     def xattrs(self, ino: ImageInode) -> dict[bytes, bytes]:
@@ -614,55 +623,82 @@ class Image:
                 raise self._error(f"directory {nid} has a chunk-based layout", tail_offset)
         if icount:
             self._spend(tail_offset - xattr_offset, xattr_offset)
-            if ftype != S_IFREG or not self._external_xattrs(nid, node, xattr_offset, tail_offset):
+            external = (
+                self._external_xattrs(nid, xattr_offset, tail_offset) if ftype == S_IFREG else None
+            )
+            if external is not None:
+                node.payload, node.digest = external
+            else:
                 _map_overlay_xattrs(
                     node, self._raw_xattrs_at(nid, xattr_offset, tail_offset - xattr_offset)
                 )
         return node, info
 
-    def _external_xattrs(self, nid: int, node: Inode, start: int, end: int) -> bool:
+    def _external_xattrs(self, nid: int, start: int, end: int) -> tuple[bytes, bytes | None] | None:
         """Fast path for the xattr area the writer gives an external file: its metacopy
-        (inline, or one shared reference) and an inline redirect, nothing else.  Returns
-        False, having done nothing, for any other area."""
+        and its redirect, each inline or a shared reference (several files with the same
+        content share both), nothing else.  Returns (payload, digest), or None for any
+        other area, which the careful path then reads."""
         data = self._data
+        m = _EXTERNAL_XATTRS.fullmatch(data, start, end)
+        if m is not None:  # the common forms, in one step
+            digest, ref, size, value, refs = m.groups()
+            if refs is None and len(value) + 1 != size[0] | size[1] << 8:
+                return None
+            if ref or refs:
+                shared = self._shared_external(nid, ref or refs)
+                if shared is None:
+                    return None
+                digest = shared[0]
+                if refs:
+                    value = shared[1]
+            return value, digest
         shared_count = data[start + 4]
         p = start + 12 + 4 * shared_count
-        if p > end:
-            return False  # the careful path reports it
-        if shared_count == 1:
-            idx = _U32.unpack_from(data, start + 12)[0]
-            pair = self._shared.get(idx)
-            if pair is None:
-                key, value, _size = self._xattr_entry(
-                    nid, self.header.xattr_offset + 4 * idx, self.size
-                )
-                pair = self._shared[idx] = (key, value)
-            if pair[0] != fmt.OVERLAY_METACOPY:
-                return False
-            digest = pair[1][4:] if len(pair[1]) == fmt.METACOPY_SIZE else None
-        elif shared_count:
-            return False
-        elif data[p : p + 24] == _METACOPY_PREFIX:
-            digest = data[p + 24 : p + 56]
-            p += 56
-        elif data[p : p + 20] == _METACOPY_ENTRY:
-            digest = None
-            p += 20
-        else:
-            return False
-        if p + 20 > end or data[p : p + 2] != _REDIRECT_PREFIX:
-            return False
-        if data[p + 4 : p + 20] != _REDIRECT_SUFFIX:
-            return False
-        size = data[p + 2] | data[p + 3] << 8
-        if (p + 20 + size + 3) & ~3 != end or size < 2 or data[p + 20] != 0x2F:  # "/"
-            return False
-        value = data[p + 21 : p + 20 + size]
-        if b"\0" in value:
-            return False
-        node.digest = digest
-        node.payload = value
-        return True
+        if p > end or shared_count > 2:
+            return None
+        metacopy: bytes | None = None
+        redirect: bytes | None = None
+        for i in range(shared_count):
+            key, value = self._shared_xattr(nid, _U32.unpack_from(data, start + 12 + 4 * i)[0])
+            if key == fmt.OVERLAY_METACOPY and metacopy is None:
+                metacopy = value
+            elif key == fmt.OVERLAY_REDIRECT and redirect is None:
+                redirect = value
+            else:
+                return None
+        # the inline entries come first, but the two keys do not depend on each other
+        if metacopy is None:
+            if data[p : p + 24] == _METACOPY_PREFIX:
+                metacopy = data[p + 20 : p + 56]
+                p += 56
+            elif data[p : p + 20] == _METACOPY_ENTRY:
+                metacopy = b""
+                p += 20
+            else:
+                return None
+        if redirect is None:
+            if p + 20 > end or data[p : p + 2] != _REDIRECT_PREFIX:
+                return None
+            if data[p + 4 : p + 20] != _REDIRECT_SUFFIX:
+                return None
+            size = data[p + 2] | data[p + 3] << 8
+            redirect = data[p + 20 : p + 20 + size]
+            p = (p + 20 + size + 3) & ~3
+        if p != end or len(redirect) < 2 or redirect[0] != 0x2F or b"\0" in redirect:  # "/"
+            return None
+        digest = metacopy[4:] if len(metacopy) == fmt.METACOPY_SIZE else None
+        return redirect[1:], digest
+
+    def _shared_xattr(self, nid: int, idx: int) -> tuple[bytes, bytes]:
+        """Shared xattr entry ``idx`` (decoded once: many inodes refer to one entry)."""
+        pair = self._shared.get(idx)
+        if pair is None:
+            key, value, _size = self._xattr_entry(
+                nid, self.header.xattr_offset + 4 * idx, self.size
+            )
+            pair = self._shared[idx] = (key, value)
+        return pair
 
     def _tree_node_slow(self, nid: int) -> tuple[Inode, ImageInode | None] | None:
         ino = self.inode(nid)  # raises the precise error
@@ -675,6 +711,304 @@ class Image:
                 if name != b"." and name != b"..":
                     yield name, nid, off
 
+    # -- dump text without a Tree ----------------------------------------------------------------
+
+    def dump_text(self, *, filter: Iterable[bytes] | None = None) -> Iterable[bytes]:
+        """The composefs-dump(5) text of the image: the same bytes as
+        ``dumpfile.iter_lines(self.to_tree(filter=filter))``, and the same errors.
+
+        A fast path prints straight from the image, without a Tree, when the image is as
+        writers make it: every directory's entries in strictly increasing name order (so
+        the on-disk depth-first order that decides which name of an inode is its home is
+        also the dump's name order), no directory reached twice, output in proportion to
+        the image.  It buffers its output; on anything else, errors included, it gives up
+        and the careful path (a Tree, then its dump) runs from the start: it then prints the
+        same text, or raises the precise error.
+        """
+        try:
+            return self._fast_dump(None if filter is None else set(filter))
+        except (_Declined, FormatError):
+            pass
+        return iter_lines(self.to_tree(filter=filter))
+
+    def _fast_dump(self, wanted: set[bytes] | None) -> list[bytes]:
+        root_ino = self.root
+        if root_ino.mode & S_IFMT != S_IFDIR:
+            raise _Declined
+        self._budget = 2 * self.size  # the same work budget as to_tree, spent the same way
+        # What the output may hold beyond what the budget bounds: every line repeats its
+        # directory's path, which a deep image could make quadratic; the careful path
+        # streams its output instead.
+        path_budget = 8 * self.size + (1 << 20)
+        fast_node = self._fast_node
+        data = self._data
+        size = self.size
+        meta = self.header.meta_offset
+        build_time = self.header.build_time
+        build_nsec = self.header.build_time_nsec
+        unpack = _COMPACT.unpack_from
+        match_external = _EXTERNAL_XATTRS.fullmatch
+        # _shared_external of each set of shared references met
+        externals: dict[bytes, tuple[bytes | None, bytes]] = {}
+        # "MODE NLINK UID GID RDEV MTIME " is shared by most files of an image
+        mids: dict[tuple[int, int, int, int, int, int], bytes] = {}
+        out: list[bytes] = [b"/", *node_fields(self.to_inode(root_ino))]
+        # nid -> pieces of the line of its first name, for hardlink lines; () for directories
+        seen: dict[int, tuple[bytes, ...]] = {root_ino.nid: ()}
+        seen_get = seen.get
+        # directories being listed: (escaped path with a trailing "/", entries left)
+        names, nids = self._fast_listing(root_ino, wanted)
+        stack = [(b"/", zip(names, nids, strict=True))]
+        while stack:
+            prefix, entries = stack[-1]
+            for name, nid in entries:
+                first = seen_get(nid)
+                if first is not None:
+                    if not first:
+                        raise _Declined  # a directory met again: a cycle or a hardlink
+                    # a later name of an inode: the hardlink line
+                    _p, _n, head, mid, tail = first
+                    out += (prefix, name, head, b"@", mid, _p + _n, tail)
+                    continue
+                # Most entries of an image are external files: a compact chunk-based inode
+                # whose xattr area _EXTERNAL_XATTRS matches.  They are decoded right here;
+                # any other inode, or one that fails a check, goes to _fast_node.
+                off = meta + nid * 32
+                if off + 64 <= size:
+                    (i_format, icount, mode, nlink, fsize, _r, i_u, _i, uid, gid,
+                     _r2) = unpack(data, off)  # fmt: skip
+                    end = off + 40 + icount * 4
+                    chunk_format = i_u & 0xFFFF
+                    if (
+                        i_format == _COMPACT_CHUNK_BASED
+                        and mode & S_IFMT == S_IFREG
+                        and icount
+                        and end <= size
+                        # the chunk checks of _check_inode
+                        and chunk_format <= fmt.EROFS_CHUNK_FORMAT_BLKBITS_MASK
+                        and end - (-fsize >> (fmt.BLOCK_BITS + chunk_format)) * 4 <= size
+                    ):
+                        m = match_external(data, off + 32, end)
+                        if m is not None:
+                            digest: bytes | None
+                            digest, ref, rsize, payload, refs = m.groups()
+                            ok = rsize is None or len(payload) + 1 == rsize[0] | rsize[1] << 8
+                            ref = ref or refs
+                            if ok and ref:
+                                shared = externals.get(ref)
+                                if shared is None:
+                                    shared = self._shared_external(nid, ref)
+                                    if shared is None:
+                                        ok = False  # _fast_node tells what it is
+                                    else:
+                                        externals[ref] = shared
+                                if shared is not None:
+                                    digest = shared[0]
+                                    if refs:
+                                        payload = shared[1]
+                            if ok:
+                                # _spend, inline; the careful path reports running out
+                                self._budget -= end - off - 32
+                                if self._budget < 0:
+                                    raise _Declined
+                                key = (mode, nlink, uid, gid, build_time, build_nsec)
+                                mid = mids.get(key, b"")
+                                if not mid:
+                                    mid = mids[key] = b"%o %d %d %d 0 %d.%d " % key
+                                head = b" %d " % fsize
+                                tail = (
+                                    _NO_DIGEST
+                                    if digest is None
+                                    else b" - %b\n" % digest.hex().encode()
+                                )
+                                seen[nid] = (prefix, name, head, mid, tail)
+                                if refs or payload == b"-":  # else it needs no escapes
+                                    payload = escape_optional(payload)
+                                out += (prefix, name, head, mid, payload, tail)
+                                continue
+                fields = fast_node(nid, mids)
+                if fields is None:
+                    loaded = self._tree_node(nid)  # any other inode, the careful way
+                    if loaded is None:
+                        continue  # a real whiteout: a root stub
+                    node, descend = loaded
+                    head, mid, payload, tail = node_fields(node)
+                else:
+                    head, mid, payload, tail, descend = fields
+                out += (prefix, name, head, mid, payload, tail)
+                if descend is None:
+                    seen[nid] = (prefix, name, head, mid, tail)
+                    continue
+                seen[nid] = ()
+                path = prefix + name + b"/"
+                names, nids = self._fast_listing(descend, None)
+                path_budget -= len(path) * len(names)
+                if path_budget < 0:
+                    raise _Declined
+                stack.append((path, zip(names, nids, strict=True)))
+                break
+            else:
+                stack.pop()
+        return [b"".join(out)]
+
+    def _shared_external(self, nid: int, refs: bytes) -> tuple[bytes | None, bytes] | None:
+        """(digest, payload) of an external file's shared xattrs, ``refs`` their raw 4-byte
+        references: one metacopy, or a metacopy and a redirect (``b""`` for the payload
+        when there is no redirect).  None for any other set."""
+        digest = payload = None
+        metacopy = False
+        for i in range(0, len(refs), 4):
+            key, value = self._shared_xattr(nid, int.from_bytes(refs[i : i + 4], "little"))
+            if key == fmt.OVERLAY_METACOPY and not metacopy:
+                metacopy = True
+                digest = value[4:] if len(value) == fmt.METACOPY_SIZE else None
+            elif key == fmt.OVERLAY_REDIRECT and payload is None:
+                if len(value) < 2 or value[0] != 0x2F or b"\0" in value:  # "/"
+                    return None
+                payload = value[1:]
+            else:
+                return None
+        if not metacopy or (payload is None) != (len(refs) == 4):
+            return None
+        return digest, payload or b""
+
+    def _fast_node(
+        self, nid: int, mids: dict[tuple[int, int, int, int, int, int], bytes]
+    ) -> tuple[bytes, bytes, bytes, bytes, ImageInode | None] | None:
+        """For :meth:`_fast_dump`, the line pieces of :func:`dumpfile.node_fields` (and the
+        ImageInode of a directory) straight from the image, for the inodes writers make
+        most: external files, empty files, directories and symlinks without xattrs.  None for any
+        other inode, left to :meth:`_tree_node`.  The checks are those of
+        :meth:`_tree_node`, the work spent the same."""
+        data = self._data
+        off = self.header.meta_offset + nid * 32
+        if off + 64 > self.size:
+            return None
+        i_format = data[off] | data[off + 1] << 8
+        if i_format not in _FAST_FORMATS:
+            return None
+        if i_format & 1:
+            (_f, icount, mode, _r, size, i_u, ino, uid, gid, mtime, nsec,
+             nlink) = _EXTENDED.unpack_from(data, off)  # fmt: skip
+            xattr_offset = off + 64
+        else:
+            (_f, icount, mode, nlink, size, _r, i_u, ino, uid, gid,
+             _r2) = _COMPACT.unpack_from(data, off)  # fmt: skip
+            mtime = self.header.build_time
+            nsec = self.header.build_time_nsec
+            xattr_offset = off + 32
+        end = xattr_offset + 8 + icount * 4 if icount else xattr_offset
+        if end > self.size:
+            return None
+        layout = i_format >> 1
+        ftype = mode & S_IFMT
+        if ftype == S_IFREG:
+            if layout == fmt.EROFS_INODE_CHUNK_BASED and icount:
+                self._check_inode(nid, mode, layout, size, i_u, end)
+                external = self._external_xattrs(nid, xattr_offset, end)
+                if external is None:
+                    return None
+                self._spend(end - xattr_offset, xattr_offset)
+                payload, digest = external
+                tail = _NO_DIGEST if digest is None else b" - %b\n" % digest.hex().encode()
+                payload = escape_optional(payload)
+            elif not size and not icount:
+                payload = b"-"
+                tail = _NO_DIGEST
+            else:
+                return None
+            info = None
+        elif ftype in _DIR_OR_LINK and not icount and layout != fmt.EROFS_INODE_CHUNK_BASED:
+            if layout:
+                self._check_inode(nid, mode, layout, size, i_u, end)
+            info = ImageInode._make(
+                (nid, ino, mode, nlink, uid, gid, size, mtime, nsec, i_u, layout, 0, 0, end)
+            )
+            payload = b"-"
+            if ftype == S_IFLNK:
+                self._spend(size, end)
+                payload = escape_optional(self.readlink(info))
+                info = None
+            tail = _NO_DIGEST
+        else:
+            return None
+        key = (mode, nlink, uid, gid, mtime, nsec)
+        mid = mids.get(key)
+        if mid is None:
+            mid = mids[key] = b"%o %d %d %d 0 %d.%d " % key
+        return b" %d " % size, mid, payload, tail, info
+
+    def _fast_listing(
+        self, ino: ImageInode, wanted: set[bytes] | None
+    ) -> tuple[list[bytes], list[int]]:
+        """Escaped names and nids of a directory's entries but ``.`` and ``..``, for
+        :meth:`_fast_dump`: the checks of :meth:`_chunk_entries` on whole chunks at once,
+        and the names must be in strictly increasing order."""
+        data = self._data
+        names: list[bytes] = []
+        nids: list[int] = []
+        escaping = False
+        for off, length in self._dir_chunks(ino):
+            self._spend(length, off)
+            block = data[off : off + length]
+            first = block[8] | block[9] << 8 if length >= _DIRENT_SIZE else 0
+            if first < _DIRENT_SIZE or first % _DIRENT_SIZE or first > length:
+                raise _Declined
+            records = _dirents(first // _DIRENT_SIZE).unpack_from(block)
+            starts = records[1::2]
+            chunk_names = [block[a:b] for a, b in zip(starts, (*starts[1:], length), strict=True)]
+            # no name is empty iff the offsets increase and stay inside the chunk
+            if not all(chunk_names):
+                raise _Declined
+            last = chunk_names[-1]
+            nul = last.find(b"\0")
+            if nul >= 0:
+                chunk_names[-1] = last = last[:nul]
+            # all the names, one after the other
+            text = block[first : starts[-1] + len(last)]
+            if not last or _SLASH in text or _NUL in text:
+                raise _Declined
+            if len(text) > NAME_MAX and max(map(len, chunk_names)) > NAME_MAX:
+                raise _Declined
+            escaping = escaping or bool(text.translate(None, FIELD_SAFE))
+            names += chunk_names
+            nids += records[::2]
+        if not all(map(_lt, names, names[1:])):
+            raise _Declined
+        # sorted, so at most one of each: first, unless some name sorts before "."
+        if names[:2] == _DOTS:
+            del names[:2], nids[:2]
+        else:
+            for dot in _DOTS:
+                i = bisect_left(names, dot)
+                if i < len(names) and names[i] == dot:
+                    del names[i], nids[i]
+        if wanted is not None:
+            kept = [i for i, name in enumerate(names) if name in wanted]
+            names = [names[i] for i in kept]
+            nids = [nids[i] for i in kept]
+        if escaping:
+            names = [escape(name) for name in names]
+        return names, nids
+
+
+_COMPACT_CHUNK_BASED = fmt.EROFS_INODE_CHUNK_BASED << fmt.EROFS_I_DATALAYOUT_BIT
+_DIR_OR_LINK = (S_IFDIR, S_IFLNK)
+_DOTS = [b".", b".."]
+_NO_DIGEST = b" - -\n"  # the end of a line without CONTENT, DIGEST and xattrs
+# i_format of the inodes _fast_node decodes: compact or extended, any data layout
+_FAST_FORMATS = frozenset(v << 1 | e for v in _LAYOUTS for e in (0, 1))
+
+
+class _Declined(Exception):
+    """Internal: :meth:`Image._fast_dump` leaves this image to the careful path."""
+
+
+@functools.cache
+def _dirents(count: int) -> struct.Struct:
+    """(nid, name offset) of ``count`` directory records, the file types skipped."""
+    return struct.Struct("<" + "QH2x" * count)
+
 
 _METACOPY_ENTRY = _XATTR_ENTRY.pack(16, fmt.EROFS_XATTR_INDEX_TRUSTED, 0) + b"overlay.metacopy"
 _METACOPY_PREFIX = (
@@ -684,6 +1018,23 @@ _METACOPY_PREFIX = (
 )
 _REDIRECT_PREFIX = bytes([16, fmt.EROFS_XATTR_INDEX_TRUSTED])
 _REDIRECT_SUFFIX = b"overlay.redirect"
+# The xattr areas the writer gives external files: the header, then either no shared
+# reference and an inline metacopy (with a digest or none), or one shared reference (the
+# metacopy: many files have none, or the same digest), then the inline redirect "/" +
+# payload and zero padding (a payload printed as it is, without escapes; its length must
+# match); or two shared references, the metacopy and the redirect (files with the same
+# content).  Groups: inline digest, one reference, redirect size, payload, two references.
+_EXTERNAL_XATTRS = re.compile(
+    rb"....(?:\x00.{7}(?:%b|%b(.{32}))|\x01.{7}(....))%b(..)%b/([!-\[\]-~]+)\x00{0,3}"
+    rb"|....\x02.{7}(.{8})"
+    % (
+        re.escape(_METACOPY_ENTRY),
+        re.escape(_METACOPY_PREFIX),
+        re.escape(_REDIRECT_PREFIX),
+        re.escape(_REDIRECT_SUFFIX),
+    ),
+    re.DOTALL,
+)
 
 
 def _map_overlay_xattrs(node: Inode, raw: list[tuple[bytes, bytes]]) -> None:
