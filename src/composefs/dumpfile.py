@@ -261,61 +261,82 @@ class _Parser:
     def lines(self, lines: list[bytes], count: int) -> int:
         """Parse ``lines[:count]``; returns how many were parsed (all, unless one raised).
 
-        Lines in the common canonical form take an inlined path; everything else goes
-        through :meth:`line_slow` and :meth:`finish`, which implement every rule.
+        Lines in the common canonical form are handled right here, the plainest kind (a
+        file or directory without content, xattrs or device number, under a directory
+        already seen) without a single call besides the regex, ``int`` and ``Inode``:
+        this loop runs once per file.  Everything else goes through :meth:`line_slow`,
+        :meth:`_line_other` and :meth:`finish`, which implement every rule.  The caller
+        makes sure that the lines hold no NUL, which the regex does not look for.
         """
         match = _FAST_LINE.fullmatch
+        dirs = self.dirs
+        bad_names = (b"", b".", b"..")
         done = 0
         try:
             for line in lines[:count]:
                 done += 1
                 m = match(line)
-                if m is None or m.group(3) or b"\\" in m.group(1):
+                if m is None:
                     self.line_slow(line)
+                    continue
+                (path, size_s, at, mode_s, nlink, uid, gid, rdev_s, sec, nsec, payload, content,
+                 digest, xattrs) = m.groups()  # fmt: skip
+                if at or b"\\" in path:
+                    self.line_slow(line)
+                    continue
+                mode = int(mode_s, 8) & U32
+                ftype = mode & S_IFMT
+                if not (
+                    content == b"-"
+                    and not xattrs
+                    and rdev_s == b"0"
+                    and ftype in (S_IFREG, S_IFDIR)
+                    and (digest == b"-" or len(digest) == 64)
+                    and (payload == b"-" or (len(payload) <= PAYLOAD_MAX and b"\\" not in payload))
+                ):
+                    self._line_other(m, mode, ftype)
+                    continue
+                node = Inode(
+                    mode,
+                    int(nlink) & U32,
+                    int(uid) & U32,
+                    int(gid) & U32,
+                    0,
+                    int(size_s),
+                    int(sec),
+                    int(nsec) & U32,
+                    {},
+                    None if payload == b"-" else payload,
+                )
+                # Insert under a directory met before, by its canonical path; anything
+                # unusual (or an error, such as a duplicate) is left to insert().
+                parent_path, _, name = path.rpartition(b"/")
+                parent = dirs.get(parent_path)
+                entries = parent.entries if parent is not None else None
+                if entries is None or name in bad_names or len(name) > NAME_MAX or name in entries:
+                    self.insert(path, node)
                 else:
-                    self._line_fast(m)
+                    entries[name] = node
+                    node.parent = parent
+                    node.name = name
+                    if ftype == S_IFDIR:
+                        dirs[path] = node
+                if digest != b"-":
+                    if not _is_hex(digest):
+                        raise _ParseError(f"Invalid digest {_show(digest)}")
+                    node.digest = bytes.fromhex(digest.decode())
         except _ParseError as e:
             e.line = done
             raise
         return done
 
-    def _line_fast(self, m: re.Match[bytes]) -> None:
-        """A line that matched ``_FAST_LINE``: its numbers are known to be well-formed."""
-        (path, size_s, _at, mode_s, nlink, uid, gid, rdev_s, sec, nsec, payload, content,
+    def _line_other(self, m: re.Match[bytes], mode: int, ftype: int) -> None:
+        """A canonical line that is not the plainest kind: known-good numbers, the rest
+        checked by :meth:`finish`."""
+        (path, size_s, _at, _mode, nlink, uid, gid, rdev_s, sec, nsec, payload, content,
          digest, xattrs) = m.groups()  # fmt: skip
-        mode = int(mode_s, 8) & U32
-        ftype = mode & S_IFMT
         if ftype not in FILE_TYPES:
             raise _ParseError(f"Invalid mode {mode:o}")
-        if (
-            content == b"-"
-            and xattrs is None
-            and rdev_s == b"0"
-            and ftype in (S_IFREG, S_IFDIR)
-            and b"\\" not in payload
-            and b"\0" not in payload
-            and len(payload) <= PAYLOAD_MAX
-            and (digest == b"-" or len(digest) == 64)
-        ):
-            # The common case, built in one go: a plain file or directory.
-            node = Inode(
-                mode,
-                int(nlink) & U32,
-                int(uid) & U32,
-                int(gid) & U32,
-                0,
-                int(size_s),
-                int(sec),
-                int(nsec) & U32,
-                {},
-                None if payload == b"-" else payload,
-            )
-            self._insert_fast(path, node, ftype)
-            if digest != b"-":
-                if not _is_hex(digest):
-                    raise _ParseError(f"Invalid digest {_show(digest)}")
-                node.digest = bytes.fromhex(digest.decode())
-            return
         node = Inode(mode)
         self._insert_fast(path, node, ftype)
         self.finish(
