@@ -46,6 +46,10 @@ FIXED_FIELDS = 11
 XATTR_TEXT_MAX = 0xFFFF  # longer xattr sections are refused before parsing them
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+# Byte tests in hot paths use ints: ``0x5C in field`` is a memchr, while ``b"\\" in field``
+# first tries the operand as an integer, raising and clearing a TypeError every time.
+_BACKSLASH = 0x5C
+_NUL = 0
 _SIMPLE_ESCAPES = {ord("\\"): 0x5C, ord("n"): 0x0A, ord("r"): 0x0D, ord("t"): 0x09}
 _C_SPACE = b" \t\n\v\f\r"
 
@@ -61,7 +65,7 @@ class _ParseError(Exception):
 
 def unescape(field: bytes) -> bytes:
     """Decode the escapes of one dump field (``\\\\``, ``\\n``, ``\\r``, ``\\t``, ``\\xHH``)."""
-    if b"\\" not in field:
+    if _BACKSLASH not in field:
         return field
     out = bytearray()
     i = 0
@@ -189,10 +193,12 @@ def _parse_xattrs(text: bytes) -> dict[bytes, bytes]:
 
 
 # A line in canonical form: absolute path, plain decimal/octal numbers of bounded length
-# (so that no saturation or wrap-around applies), exactly 11 fixed fields.  Anything else
-# takes the careful path, which also produces the precise error messages.
+# (so that no saturation or wrap-around applies), not a hardlink, exactly 11 fixed fields.
+# Anything else takes the careful path, which also produces the precise error messages.
+# (Paths with escapes are sent there too, by the caller: ``[^ \\]`` here would make the
+# regex much slower than the memchr of ``[^ ]``.)
 _FAST_LINE = re.compile(
-    rb"(/[^ ]*) ([0-9]{1,19}) (@?)([0-7]{1,11}) ([0-9]{1,10}) ([0-9]{1,10}) ([0-9]{1,10}) "
+    rb"(/[^ ]*) ([0-9]{1,19}) ([0-7]{1,11}) ([0-9]{1,10}) ([0-9]{1,10}) ([0-9]{1,10}) "
     rb"([0-9]{1,19}) (-?[0-9]{1,18})\.([0-9]{1,10}) ([^ ]*) ([^ ]*) ([^ ]*)(?: (.*))?",
     re.DOTALL,
 )
@@ -279,9 +285,9 @@ class _Parser:
                 if m is None:
                     self.line_slow(line)
                     continue
-                (path, size_s, at, mode_s, nlink, uid, gid, rdev_s, sec, nsec, payload, content,
+                (path, size_s, mode_s, nlink, uid, gid, rdev_s, sec, nsec, payload, content,
                  digest, xattrs) = m.groups()  # fmt: skip
-                if at or b"\\" in path:
+                if _BACKSLASH in path:
                     self.line_slow(line)
                     continue
                 mode = int(mode_s, 8) & U32
@@ -292,7 +298,10 @@ class _Parser:
                     and rdev_s == b"0"
                     and ftype in (S_IFREG, S_IFDIR)
                     and (digest == b"-" or len(digest) == 64)
-                    and (payload == b"-" or (len(payload) <= PAYLOAD_MAX and b"\\" not in payload))
+                    and (
+                        payload == b"-"
+                        or (len(payload) <= PAYLOAD_MAX and _BACKSLASH not in payload)
+                    )
                 ):
                     self._line_other(m, mode, ftype)
                     continue
@@ -333,8 +342,8 @@ class _Parser:
     def _line_other(self, m: re.Match[bytes], mode: int, ftype: int) -> None:
         """A canonical line that is not the plainest kind: known-good numbers, the rest
         checked by :meth:`finish`."""
-        (path, size_s, _at, _mode, nlink, uid, gid, rdev_s, sec, nsec, payload, content,
-         digest, xattrs) = m.groups()  # fmt: skip
+        (path, size_s, _mode, nlink, uid, gid, rdev_s, sec, nsec, payload, content, digest,
+         xattrs) = m.groups()  # fmt: skip
         if ftype not in FILE_TYPES:
             raise _ParseError(f"Invalid mode {mode:o}")
         node = Inode(mode)
@@ -483,7 +492,7 @@ class _Parser:
             node.size = len(target)
         else:
             if payload is not None:
-                if b"\0" in payload:
+                if _NUL in payload:
                     payload = _c_string(payload)
                 if len(payload) > PAYLOAD_MAX:
                     raise _ParseError("Invalid payload")
