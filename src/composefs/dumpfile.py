@@ -192,14 +192,14 @@ def _parse_xattrs(text: bytes) -> dict[bytes, bytes]:
     return xattrs
 
 
-# A line in canonical form: absolute path, plain decimal/octal numbers of bounded length
-# (so that no saturation or wrap-around applies), not a hardlink, exactly 11 fixed fields.
-# Anything else takes the careful path, which also produces the precise error messages.
-# (Paths with escapes are sent there too, by the caller: ``[^ \\]`` here would make the
-# regex much slower than the memchr of ``[^ ]``.)
+# A line in canonical form: absolute path, plain decimal/octal numbers short enough that
+# no saturation, wrap-around or 32-bit truncation applies, not a hardlink, exactly 11
+# fixed fields.  Anything else takes the careful path, which also produces the precise
+# error messages.  (Paths with escapes are sent there too, by the caller: ``[^ \\]`` here
+# would make the regex much slower than the memchr of ``[^ ]``.)
 _FAST_LINE = re.compile(
-    rb"(/[^ ]*) ([0-9]{1,19}) ([0-7]{1,11}) ([0-9]{1,10}) ([0-9]{1,10}) ([0-9]{1,10}) "
-    rb"([0-9]{1,19}) (-?[0-9]{1,18})\.([0-9]{1,10}) ([^ ]*) ([^ ]*) ([^ ]*)(?: (.*))?",
+    rb"(/[^ ]*) ([0-9]{1,19}) ([0-7]{1,10}) ([0-9]{1,9}) ([0-9]{1,9}) ([0-9]{1,9}) "
+    rb"([0-9]{1,19}) (-?[0-9]{1,18})\.([0-9]{1,9}) ([^ ]*) ([^ ]*) ([^ ]*)(?: (.*))?",
     re.DOTALL,
 )
 
@@ -269,12 +269,13 @@ class _Parser:
 
         Lines in the common canonical form are handled right here, the plainest kind (a
         file or directory without content, xattrs or device number, under a directory
-        already seen) without a single call besides the regex, ``int`` and ``Inode``:
-        this loop runs once per file.  Everything else goes through :meth:`line_slow`,
-        :meth:`_line_other` and :meth:`finish`, which implement every rule.  The caller
-        makes sure that the lines hold no NUL, which the regex does not look for.
+        already seen) without a single Python-level call: this loop runs once per file.
+        Everything else goes through :meth:`line_slow`, :meth:`_line_other` and
+        :meth:`finish`, which implement every rule.  The caller makes sure that the lines
+        hold no NUL, which the regex does not look for.
         """
         match = _FAST_LINE.fullmatch
+        new_inode = Inode.__new__
         dirs = self.dirs
         bad_names = (b"", b".", b"..")
         done = 0
@@ -290,7 +291,7 @@ class _Parser:
                 if _BACKSLASH in path:
                     self.line_slow(line)
                     continue
-                mode = int(mode_s, 8) & U32
+                mode = int(mode_s, 8)
                 ftype = mode & S_IFMT
                 if not (
                     content == b"-"
@@ -305,18 +306,22 @@ class _Parser:
                 ):
                     self._line_other(m, mode, ftype)
                     continue
-                node = Inode(
-                    mode,
-                    int(nlink) & U32,
-                    int(uid) & U32,
-                    int(gid) & U32,
-                    0,
-                    int(size_s),
-                    int(sec),
-                    int(nsec) & U32,
-                    {},
-                    None if payload == b"-" else payload,
-                )
+                # Inode.__init__ would be a Python call with ten arguments for every line;
+                # the fields are set here instead (all of them: tests check that).
+                node = new_inode(Inode)
+                node.mode = mode
+                node.nlink = int(nlink)
+                node.uid = int(uid)
+                node.gid = int(gid)
+                node.rdev = 0
+                node.size = int(size_s)
+                node.mtime_sec = int(sec)
+                node.mtime_nsec = int(nsec)
+                node.xattrs = {}
+                node.payload = None if payload == b"-" else payload
+                node.content = None
+                node.digest = None
+                node.entries = {} if ftype == S_IFDIR else None
                 # Insert under a directory met before, by its canonical path; anything
                 # unusual (or an error, such as a duplicate) is left to insert().
                 parent_path, _, name = path.rpartition(b"/")
