@@ -450,6 +450,22 @@ def test_fast_and_careful_paths_agree(lines: list[bytes], strict: bool, root: bo
     assert fast == careful
 
 
+def test_fast_path_sets_every_inode_field() -> None:
+    # The fast path fills an Inode's slots itself rather than calling Inode(): a slot it
+    # forgot would only show as an AttributeError when first read.
+    tree = dumpfile.parse(
+        b"/ 4096 40755 2 0 0 0 0.0 - - -\n"
+        b"/d 4096 40755 2 1 2 0 3.4 - - -\n"
+        b"/d/f 5 100644 1 0 0 0 1.2 ab/cd - -\n"
+        b"/e 0 100600 1 0 0 0 0.0 - - " + b"a" * 64 + b"\n"
+    )
+    nodes = [node for _path, node in tree.walk()]
+    assert len(nodes) == 4
+    for node in nodes:
+        for slot in Inode.__slots__:
+            getattr(node, slot)
+
+
 # -- 4. round trip of the §6 example --------------------------------------------------------
 
 

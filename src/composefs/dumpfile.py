@@ -46,6 +46,10 @@ FIXED_FIELDS = 11
 XATTR_TEXT_MAX = 0xFFFF  # longer xattr sections are refused before parsing them
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+# Byte tests in hot paths use ints: ``0x5C in field`` is a memchr, while ``b"\\" in field``
+# first tries the operand as an integer, raising and clearing a TypeError every time.
+_BACKSLASH = 0x5C
+_NUL = 0
 _SIMPLE_ESCAPES = {ord("\\"): 0x5C, ord("n"): 0x0A, ord("r"): 0x0D, ord("t"): 0x09}
 _C_SPACE = b" \t\n\v\f\r"
 
@@ -61,7 +65,7 @@ class _ParseError(Exception):
 
 def unescape(field: bytes) -> bytes:
     """Decode the escapes of one dump field (``\\\\``, ``\\n``, ``\\r``, ``\\t``, ``\\xHH``)."""
-    if b"\\" not in field:
+    if _BACKSLASH not in field:
         return field
     out = bytearray()
     i = 0
@@ -210,12 +214,14 @@ def _parse_xattrs(text: bytes) -> dict[bytes, bytes]:
     return xattrs
 
 
-# A line in canonical form: absolute path, plain decimal/octal numbers of bounded length
-# (so that no saturation or wrap-around applies), exactly 11 fixed fields.  Anything else
-# takes the careful path, which also produces the precise error messages.
+# A line in canonical form: absolute path, plain decimal/octal numbers short enough that
+# no saturation, wrap-around or 32-bit truncation applies, not a hardlink, exactly 11
+# fixed fields.  Anything else takes the careful path, which also produces the precise
+# error messages.  (Paths with escapes are sent there too, by the caller: ``[^ \\]`` here
+# would make the regex much slower than the memchr of ``[^ ]``.)
 _FAST_LINE = re.compile(
-    rb"(/[^ ]*) ([0-9]{1,19}) (@?)([0-7]{1,11}) ([0-9]{1,10}) ([0-9]{1,10}) ([0-9]{1,10}) "
-    rb"([0-9]{1,19}) (-?[0-9]{1,18})\.([0-9]{1,10}) ([^ ]*) ([^ ]*) ([^ ]*)(?: (.*))?",
+    rb"(/[^ ]*) ([0-9]{1,19}) ([0-7]{1,10}) ([0-9]{1,9}) ([0-9]{1,9}) ([0-9]{1,9}) "
+    rb"([0-9]{1,19}) (-?[0-9]{1,18})\.([0-9]{1,9}) ([^ ]*) ([^ ]*) ([^ ]*)(?: (.*))?",
     re.DOTALL,
 )
 
@@ -283,61 +289,90 @@ class _Parser:
     def lines(self, lines: list[bytes], count: int) -> int:
         """Parse ``lines[:count]``; returns how many were parsed (all, unless one raised).
 
-        Lines in the common canonical form take an inlined path; everything else goes
-        through :meth:`line_slow` and :meth:`finish`, which implement every rule.
+        Lines in the common canonical form are handled right here, the plainest kind (a
+        file or directory without content, xattrs or device number, under a directory
+        already seen) without a single Python-level call: this loop runs once per file.
+        Everything else goes through :meth:`line_slow`, :meth:`_line_other` and
+        :meth:`finish`, which implement every rule.  The caller makes sure that the lines
+        hold no NUL, which the regex does not look for.
         """
         match = _FAST_LINE.fullmatch
+        new_inode = Inode.__new__
+        dirs = self.dirs
+        bad_names = (b"", b".", b"..")
         done = 0
         try:
             for line in lines[:count]:
                 done += 1
                 m = match(line)
-                if m is None or m.group(3) or b"\\" in m.group(1):
+                if m is None:
                     self.line_slow(line)
+                    continue
+                (path, size_s, mode_s, nlink, uid, gid, rdev_s, sec, nsec, payload, content,
+                 digest, xattrs) = m.groups()  # fmt: skip
+                if _BACKSLASH in path:
+                    self.line_slow(line)
+                    continue
+                mode = int(mode_s, 8)
+                ftype = mode & S_IFMT
+                if not (
+                    content == b"-"
+                    and not xattrs
+                    and rdev_s == b"0"
+                    and ftype in (S_IFREG, S_IFDIR)
+                    and (digest == b"-" or len(digest) == 64)
+                    and (
+                        payload == b"-"
+                        or (len(payload) <= PAYLOAD_MAX and _BACKSLASH not in payload)
+                    )
+                ):
+                    self._line_other(m, mode, ftype)
+                    continue
+                # Inode.__init__ would be a Python call with ten arguments for every line;
+                # the fields are set here instead (all of them: tests check that).
+                node = new_inode(Inode)
+                node.mode = mode
+                node.nlink = int(nlink)
+                node.uid = int(uid)
+                node.gid = int(gid)
+                node.rdev = 0
+                node.size = int(size_s)
+                node.mtime_sec = int(sec)
+                node.mtime_nsec = int(nsec)
+                node.xattrs = {}
+                node.payload = None if payload == b"-" else payload
+                node.content = None
+                node.digest = None
+                node.entries = {} if ftype == S_IFDIR else None
+                # Insert under a directory met before, by its canonical path; anything
+                # unusual (or an error, such as a duplicate) is left to insert().
+                parent_path, _, name = path.rpartition(b"/")
+                parent = dirs.get(parent_path)
+                entries = parent.entries if parent is not None else None
+                if entries is None or name in bad_names or len(name) > NAME_MAX or name in entries:
+                    self.insert(path, node)
                 else:
-                    self._line_fast(m)
+                    entries[name] = node
+                    node.parent = parent
+                    node.name = name
+                    if ftype == S_IFDIR:
+                        dirs[path] = node
+                if digest != b"-":
+                    if not _is_hex(digest):
+                        raise _ParseError(f"Invalid digest {_show(digest)}")
+                    node.digest = bytes.fromhex(digest.decode())
         except _ParseError as e:
             e.line = done
             raise
         return done
 
-    def _line_fast(self, m: re.Match[bytes]) -> None:
-        """A line that matched ``_FAST_LINE``: its numbers are known to be well-formed."""
-        (path, size_s, _at, mode_s, nlink, uid, gid, rdev_s, sec, nsec, payload, content,
-         digest, xattrs) = m.groups()  # fmt: skip
-        mode = int(mode_s, 8) & U32
-        ftype = mode & S_IFMT
+    def _line_other(self, m: re.Match[bytes], mode: int, ftype: int) -> None:
+        """A canonical line that is not the plainest kind: known-good numbers, the rest
+        checked by :meth:`finish`."""
+        (path, size_s, _mode, nlink, uid, gid, rdev_s, sec, nsec, payload, content, digest,
+         xattrs) = m.groups()  # fmt: skip
         if ftype not in FILE_TYPES:
             raise _ParseError(f"Invalid mode {mode:o}")
-        if (
-            content == b"-"
-            and xattrs is None
-            and rdev_s == b"0"
-            and ftype in (S_IFREG, S_IFDIR)
-            and b"\\" not in payload
-            and b"\0" not in payload
-            and len(payload) <= PAYLOAD_MAX
-            and (digest == b"-" or len(digest) == 64)
-        ):
-            # The common case, built in one go: a plain file or directory.
-            node = Inode(
-                mode,
-                int(nlink) & U32,
-                int(uid) & U32,
-                int(gid) & U32,
-                0,
-                int(size_s),
-                int(sec),
-                int(nsec) & U32,
-                {},
-                None if payload == b"-" else payload,
-            )
-            self._insert_fast(path, node, ftype)
-            if digest != b"-":
-                if not _is_hex(digest):
-                    raise _ParseError(f"Invalid digest {_show(digest)}")
-                node.digest = bytes.fromhex(digest.decode())
-            return
         node = Inode(mode)
         self._insert_fast(path, node, ftype)
         self.finish(
@@ -484,7 +519,7 @@ class _Parser:
             node.size = len(target)
         else:
             if payload is not None:
-                if b"\0" in payload:
+                if _NUL in payload:
                     payload = _c_string(payload)
                 if len(payload) > PAYLOAD_MAX:
                     raise _ParseError("Invalid payload")

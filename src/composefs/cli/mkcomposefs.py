@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from composefs import dumpfile, fsverity
+from composefs import dumpfile
 from composefs.cli import ToolArgumentParser, UsageError, console_entry, fail, run_tool
 from composefs.erofs.writer import build_image
 from composefs.errors import DumpfileError, TreeError
@@ -173,7 +173,12 @@ def _from_directory(
 
 def _output(image: bytes, image_path: str | None, print_digest: bool, digest_only: bool) -> int:
     """Write the image (atomically, or to stdout) and print its digest when asked."""
-    digest_line = (fsverity.digest(image).hex() + "\n").encode() if print_digest else b""
+    digest_line = b""
+    if print_digest:
+        # Imported here: hashlib and the rest are start-up time that plain runs skip.
+        from composefs import fsverity
+
+        digest_line = (fsverity.digest(image).hex() + "\n").encode()
     if digest_only:
         sys.stdout.buffer.write(digest_line)
         sys.stdout.flush()

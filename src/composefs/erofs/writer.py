@@ -68,6 +68,8 @@ KIND_DIR = 1
 KIND_INLINE = 2  # regular file with embedded content, or empty
 KIND_EXTERNAL = 3  # regular file backed by an object: chunk-based, all holes
 KIND_SYMLINK = 4
+# Files up to this size are one chunk (below the 43-bit chunk size limit, §8.3).
+_PLAIN_SIZE_MAX = 1 << 43
 _METACOPY_HEADER = fmt.METACOPY_HEADER.pack(0, fmt.METACOPY_SIZE, 0, fmt.FS_VERITY_HASH_ALG_SHA256)
 
 
@@ -77,7 +79,6 @@ class _Node:
     __slots__ = (
         "chunkbits",
         "dirents",
-        "extended",
         "inode",
         "kind",
         "mode",
@@ -90,7 +91,6 @@ class _Node:
         "size",
         "split",
         "tail",
-        "xattr_area",
         "xattr_budget",
         "xattrs",
     )
@@ -110,8 +110,6 @@ class _Node:
     split: list[int]
     n_blocks: int
     tail: int
-    extended: bool
-    xattr_area: tuple[int, int, list[int], bytes] | None
     nid: int
 
     def path(self) -> bytes:
@@ -190,9 +188,13 @@ def _escaped(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
 
 
 def _check_content(inode: Inode, n: _Node) -> None:
-    """What the reference's node validation refuses (the dump parser already did most)."""
+    """What the reference's node validation refuses (the dump parser already did most).
+
+    ``0 in payload`` looks for a NUL byte; unlike ``b"\\0" in payload`` it does not raise
+    and clear a TypeError internally, which matters once per file.
+    """
     payload = inode.payload
-    if payload is not None and (len(payload) > PAYLOAD_MAX or b"\0" in payload):
+    if payload is not None and (len(payload) > PAYLOAD_MAX or 0 in payload):
         raise TreeError(errno.ENAMETOOLONG, "payload too long", n.path())
     content = inode.content
     if content is not None:
@@ -253,6 +255,7 @@ def _make_node(
             n.kind = KIND_INLINE
     elif ftype == S_IFDIR:
         n.kind = KIND_DIR
+        n.nlink = 2  # §10.3: plus one per subdirectory, counted by _number
     elif ftype == S_IFLNK:
         _check_content(inode, n)
         if not inode.payload:
@@ -296,14 +299,15 @@ def _number(tree: Tree, versioning: _Versioning) -> list[_Node]:
     """§6.1: breadth-first inode order, rewriting each inode for overlayfs on the way (§5).
 
     Also adds ``.`` and ``..`` to every directory (§5.5), the root's opaque marker (§5.6)
-    and the root whiteout stubs (§5.7), each where the reference puts it.
+    and the root whiteout stubs (§5.7), each where the reference puts it, and counts each
+    directory's links.
     """
     root = _make_node(tree.root, b"/", None, versioning)
     root.parent = root
     order = [root]
-    by_inode: dict[int, _Node] = {id(tree.root): root}
     links: list[tuple[list[tuple[bytes, _Node]], int, Inode]] = []
     make = _make_node
+    new_node = _Node
     append = order.append
     i = 0
     while i < len(order):
@@ -332,8 +336,35 @@ def _number(tree: Tree, versioning: _Versioning) -> list[_Node]:
                     append(stub)
                     add((name, stub))
             elif child.parent is inode and child.name == name:
-                cn = make(child, name, node, versioning)
-                by_inode[id(child)] = cn
+                size = child.size
+                payload = child.payload
+                if (
+                    child.mode & S_IFMT == S_IFREG
+                    and 0 < size <= _PLAIN_SIZE_MAX
+                    and child.content is None
+                    and child.digest is None
+                    and not child.xattrs
+                    and (payload is None or (len(payload) <= PAYLOAD_MAX and 0 not in payload))
+                ):
+                    # Inlined _make_node for the most common inode by far: an external
+                    # file, no xattrs of its own, one chunk.
+                    cn = new_node()
+                    cn.inode = child
+                    cn.name = name
+                    cn.parent = node
+                    cn.xattr_budget = 0
+                    cn.plain_external = True
+                    cn.xattrs = child.xattrs
+                    cn.mode = child.mode
+                    cn.size = size
+                    cn.nlink = child.nlink
+                    cn.kind = KIND_EXTERNAL
+                    bits = (size - 1).bit_length()
+                    cn.chunkbits = bits if bits > fmt.BLOCK_BITS else fmt.BLOCK_BITS
+                else:
+                    cn = make(child, name, node, versioning)
+                    if cn.kind == KIND_DIR:
+                        node.nlink += 1
                 append(cn)
                 add((name, cn))
             else:
@@ -344,12 +375,14 @@ def _number(tree: Tree, versioning: _Versioning) -> list[_Node]:
             # The reference marks the root opaque after rewriting its children and
             # creates the stubs after that (their selinux label is the root's).
             root.set_xattr(fmt.OVERLAY_OPAQUE, b"y")
-    for dirents, index, child in links:
-        name = dirents[index][0]
-        target = by_inode.get(id(child))
-        if target is None:
-            raise TreeError(errno.EINVAL, "hardlink to an inode outside the tree", name)
-        dirents[index] = (name, target)
+    if links:
+        by_inode = {id(n.inode): n for n in order}
+        for dirents, index, child in links:
+            name = dirents[index][0]
+            target = by_inode.get(id(child))
+            if target is None:
+                raise TreeError(errno.EINVAL, "hardlink to an inode outside the tree", name)
+            dirents[index] = (name, target)
     return order
 
 
@@ -383,6 +416,18 @@ _METACOPY_ENTRY_FULL = (
 _REDIRECT_ENTRY = bytes([len(_REDIRECT_SUFFIX), fmt.EROFS_XATTR_INDEX_TRUSTED])
 _METACOPY_FILTER = 0xFFFFFFFF & ~_key_info(fmt.OVERLAY_METACOPY)[2]
 _EXTERNAL_FILTER = _METACOPY_FILTER & ~_key_info(fmt.OVERLAY_REDIRECT)[2]
+
+
+_IBODY_HEADER_SIZE = fmt.XATTR_IBODY_HEADER.size
+
+
+def _heads(name_filter: int) -> list[bytes]:
+    """Area headers with no, one or two (zeroed) shared reference slots."""
+    return [fmt.XATTR_IBODY_HEADER.pack(name_filter, k) + bytes(4 * k) for k in range(3)]
+
+
+_METACOPY_HEADS = _heads(_METACOPY_FILTER)  # plain external files without a payload
+_EXTERNAL_HEADS = _heads(_EXTERNAL_FILTER)
 
 
 class _XattrEncoder:
@@ -437,7 +482,7 @@ class _XattrEncoder:
             info = self.key_info[key] = _key_info(key)
         return info
 
-    def external_area(self, inode: Inode) -> tuple[int, int, list[int], bytes]:
+    def external_area(self, inode: Inode) -> tuple[int, bytes, list[int]]:
         """:meth:`area` of a plain external file, from its digest and payload."""
         refs: list[int] = []
         digest = inode.digest
@@ -450,7 +495,6 @@ class _XattrEncoder:
             body = b""
         payload = inode.payload
         if payload:
-            name_filter = _EXTERNAL_FILTER
             off = self.redirect_offset.get(payload)
             if off is None:
                 n = len(payload) + 1
@@ -460,12 +504,15 @@ class _XattrEncoder:
                 )  # fmt: skip
             else:
                 refs.append(off)
+            blob = _EXTERNAL_HEADS[len(refs)] + body
         else:
-            name_filter = _METACOPY_FILTER
-        return fmt.XATTR_IBODY_HEADER.size + 4 * len(refs) + len(body), name_filter, refs, body
+            blob = _METACOPY_HEADS[len(refs)] + body
+        return (len(blob) - _IBODY_HEADER_SIZE) // 4 + 1, blob, refs
 
-    def area(self, xattrs: dict[bytes, bytes]) -> tuple[int, int, list[int], bytes]:
-        """(size, name filter, shared table offsets, inline entries) of an xattr area."""
+    def area(self, xattrs: dict[bytes, bytes]) -> tuple[int, bytes, list[int]]:
+        """An inode's xattr area (§7.3): (i_xattr_icount, the encoded area, shared table
+        offsets).  The area's reference slots are left zero: they are relative to the end
+        of the inode area, which is known only at the end."""
         keys = tuple(sorted(xattrs))
         cached = self.keys_info.get(keys)
         if cached is None:
@@ -488,8 +535,13 @@ class _XattrEncoder:
             else:
                 raw = fmt.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
                 inline.append(raw + bytes(-len(raw) % 4))
-        body = b"".join(inline)
-        return fmt.XATTR_IBODY_HEADER.size + 4 * len(refs) + len(body), name_filter, refs, body
+        return _area(name_filter, refs, b"".join(inline))
+
+
+def _area(name_filter: int, refs: list[int], body: bytes) -> tuple[int, bytes, list[int]]:
+    """(i_xattr_icount, encoded area with zeroed reference slots, references)."""
+    blob = fmt.XATTR_IBODY_HEADER.pack(name_filter, len(refs)) + bytes(4 * len(refs)) + body
+    return (len(blob) - _IBODY_HEADER_SIZE) // 4 + 1, blob, refs
 
 
 def _layout_dir(n: _Node) -> tuple[int, int]:
@@ -531,7 +583,9 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
     external_area = encoder.external_area
 
     # §6.3: minimum mtime and the ACL flag.
-    min_sec, min_nsec = min([(n.inode.mtime_sec, n.inode.mtime_nsec) for n in order])
+    inodes = [n.inode for n in order]
+    min_sec = min([i.mtime_sec for i in inodes])
+    min_nsec = min([i.mtime_nsec for i in inodes if i.mtime_sec == min_sec])
     has_acl = any(
         b"system.posix_acl_access" in n.xattrs or b"system.posix_acl_default" in n.xattrs
         for n in order
@@ -546,28 +600,22 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
     meta = bytearray(fmt.SUPERBLOCK_END)
     pack_compact = fmt.INODE_COMPACT.pack
     pack_extended = fmt.INODE_EXTENDED.pack
-    pack_header = fmt.XATTR_IBODY_HEADER.pack
     flat_inline = fmt.EROFS_INODE_FLAT_INLINE << 1
     chunk_based = fmt.EROFS_INODE_CHUNK_BASED << 1
     block_users: list[tuple[int, _Node]] = []  # (offset of i_u, node) with data blocks
-    ref_slots: list[tuple[int, int]] = []  # (offset, table offset) of shared references
+    ref_slots: list[tuple[int, list[int]]] = []  # (offset, table offsets) of shared refs
     dir_tails: list[tuple[int, _Node]] = []  # (offset, directory) of inline entries
-    pos = fmt.SUPERBLOCK_END
+    pos = fmt.SUPERBLOCK_END  # == len(meta) at the start of each inode
     for ino, n in enumerate(order):
         kind = n.kind
         n_blocks = tail = 0
         size = n.size
         inode = n.inode
         if kind == KIND_EXTERNAL:
-            tail = 4 * -(-size // (1 << n.chunkbits))
+            tail = -((-size >> n.chunkbits) << 2)  # 4 bytes per chunk
         elif kind == KIND_DIR:
             n_blocks, tail = _layout_dir(n)
             size = n_blocks * BLOCK_SIZE + tail
-            nlink = 2
-            for name, child in n.dirents:
-                if child.kind == KIND_DIR and child.parent is n and child.name == name:
-                    nlink += 1
-            n.nlink = nlink
         elif kind == KIND_INLINE:
             if size:
                 n_blocks, tail = divmod(size, BLOCK_SIZE)
@@ -576,26 +624,28 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
                     tail = 0
         elif kind == KIND_SYMLINK:
             tail = size
+        nlink = n.nlink
         extended = (
             inode.mtime_sec != min_sec
             or inode.mtime_nsec != min_nsec
-            or n.nlink > 0xFFFF
+            or nlink > 0xFFFF
             or inode.uid > 0xFFFF
             or inode.gid > 0xFFFF
             or size > 0xFFFFFFFF
         )
-        xattrs = n.xattrs
+        inode_size = 64 if extended else 32
         if n.plain_external:
             area = external_area(inode)
-            meta_size = (64 if extended else 32) + area[0]
-        elif xattrs:
-            area = area_of(xattrs)
-            meta_size = (64 if extended else 32) + area[0]
+            meta_size = inode_size + len(area[1])
+        elif n.xattrs:
+            area = area_of(n.xattrs)
+            meta_size = inode_size + len(area[1])
         else:
             area = None
-            meta_size = 64 if extended else 32
+            meta_size = inode_size
 
         # §9 placement
+        start = pos
         pos = (pos + 31) & ~31
         if kind == KIND_SYMLINK:
             total = meta_size + tail
@@ -617,8 +667,8 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
         n.nid = pos >> 5
         n.n_blocks = n_blocks
         n.tail = tail
-        if pos > len(meta):
-            meta += bytes(pos - len(meta))
+        if pos != start:
+            meta += bytes(pos - start)
 
         # §10.3-§10.6 the inode (i_u of inodes with data blocks is filled in later)
         mode = n.mode
@@ -635,28 +685,24 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
                 size = n_blocks * BLOCK_SIZE + tail
         if n_blocks:
             block_users.append((pos + 16, n))
-        icount = (area[0] - 12) // 4 + 1 if area is not None else 0
         if extended:
             meta += pack_extended(
-                i_format | 1, icount, mode & 0xFFFF, 0, size, i_u, ino, inode.uid, inode.gid,
-                inode.mtime_sec, inode.mtime_nsec, n.nlink,
+                i_format | 1, area[0] if area else 0, mode & 0xFFFF, 0, size, i_u, ino,
+                inode.uid, inode.gid, inode.mtime_sec, inode.mtime_nsec, nlink,
             )  # fmt: skip
         else:
             meta += pack_compact(
-                i_format, icount, mode & 0xFFFF, n.nlink, size, 0, i_u, ino, inode.uid,
-                inode.gid, 0,
+                i_format, area[0] if area else 0, mode & 0xFFFF, nlink, size, 0, i_u, ino,
+                inode.uid, inode.gid, 0,
             )  # fmt: skip
         if area is not None:
-            _size, name_filter, refs, inline = area
-            meta += pack_header(name_filter, len(refs))
-            for r in refs:
-                ref_slots.append((len(meta), r))
-                meta += b"\0\0\0\0"
-            meta += inline
+            if area[2]:
+                ref_slots.append((pos + inode_size + _IBODY_HEADER_SIZE, area[2]))
+            meta += area[1]
         # §10.7 the inline tail
         if tail:
             if kind == KIND_DIR:
-                dir_tails.append((len(meta), n))
+                dir_tails.append((pos + meta_size, n))
                 meta += bytes(tail)
             elif kind == KIND_EXTERNAL:
                 meta += b"\xff" * tail
@@ -665,7 +711,7 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
             else:
                 content = inode.content or b""
                 meta += content[len(content) - tail :]
-        pos = len(meta)
+        pos += meta_size + tail
 
     inodes_end = round_up(pos, fmt.SLOT_SIZE)
     table = encoder.table
@@ -682,8 +728,10 @@ def _build(tree: Tree, min_version: int, max_version: int) -> bytes:
     image[inodes_end : inodes_end + len(table)] = table
     shared_base = inodes_end % BLOCK_SIZE
     pack_u32 = fmt.XATTR_SHARED_REF.pack_into
-    for off, r in ref_slots:
-        pack_u32(image, off, (shared_base + r) >> 2)
+    for off, refs in ref_slots:
+        for r in refs:
+            pack_u32(image, off, (shared_base + r) >> 2)
+            off += 4
     for off, n in dir_tails:
         _write_dirents(image, off, n.dirents, n.split[-1] if n.split else 0, len(n.dirents))
     image += bytes(n_data_blocks * BLOCK_SIZE)
