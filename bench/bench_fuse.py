@@ -79,6 +79,7 @@ def kernel(image: Path, store: Path, mnt: Path) -> Iterator[None]:
 
 
 Mounter = Callable[[], AbstractContextManager[None]]
+Rows = dict[str, tuple[float, ...]]
 
 
 def cold_warm(mounter: Mounter, cmd: str, runs: int) -> tuple[float, float]:
@@ -91,12 +92,99 @@ def cold_warm(mounter: Mounter, cmd: str, runs: int) -> tuple[float, float]:
     return min(cold), min(warm)
 
 
+def report(title: str, rows: Rows, unit: str) -> None:
+    """One line per server; ours also as a ratio of the reference's figures."""
+    print(title)
+    for name, values in rows.items():
+        shown = "  ".join(f"{v:9.1f} {unit}" for v in values)
+        ratio = ""
+        if name == "composefs-py" and "reference" in rows:
+            pairs = zip(values, rows["reference"], strict=True)
+            ratio = "  (" + ", ".join(f"{v / r:.2f}x" for v, r in pairs) + " of reference)"
+        print(f"  {name:14s} {shown}{ratio}")
+
+
+def metadata_test(servers: dict[str, str], tmp: Path, mnt: Path, runs: int) -> None:
+    """find and ls -lR over the cs9 tree (no objects needed: nothing is opened)."""
+    cs9, empty = tmp / "cs9.cfs", tmp / "empty"
+    empty.mkdir()
+    cs9.write_bytes(build_image(dumpfile.parse(gzip.decompress(CS9_DUMP.read_bytes()))))
+    for walk, cmd in (("find", f"find {mnt}"), ("ls -lR", f"ls -lR {mnt}")):
+        rows: Rows = {}
+        for name, exe in servers.items():
+            cold, warm = cold_warm(lambda e=exe: fuse(e, cs9, empty, mnt), cmd, runs)
+            rows[name] = (cold * 1000, warm * 1000)
+        cold, warm = cold_warm(lambda: kernel(cs9, empty, mnt), cmd, runs)
+        rows["kernel mount"] = (cold * 1000, warm * 1000)
+        report(f"{walk} over cs9 (cold, warm)", rows, "ms")
+
+
+def read_test(servers: dict[str, str], tmp: Path, mnt: Path, runs: int) -> None:
+    """cat of a 1 GiB file, cold and warm."""
+    src, store, image = tmp / "big-src", tmp / "big-store", tmp / "big.cfs"
+    src.mkdir()
+    with open(src / "big", "wb") as f:
+        for _ in range(1024):
+            f.write(os.urandom(1 << 20))
+    mkcomposefs = str(REPO / ".venv/bin/mkcomposefs")
+    subprocess.run([mkcomposefs, f"--digest-store={store}", str(src), str(image)], check=True)
+    shutil.rmtree(src)
+    cmd = f"cat {mnt}/big"
+    rows: Rows = {}
+    for name, exe in servers.items():
+        cold, warm = cold_warm(lambda e=exe: fuse(e, image, store, mnt), cmd, runs)
+        rows[name] = ((1 << 30) / cold / 1e6, (1 << 30) / warm / 1e6)
+    cold, warm = cold_warm(lambda: kernel(image, store, mnt), cmd, runs)
+    rows["kernel mount"] = ((1 << 30) / cold / 1e6, (1 << 30) / warm / 1e6)
+    report("sequential read of 1 GiB (cold, warm)", rows, "MB/s")
+    shutil.rmtree(store)
+
+
+def tar_test(servers: dict[str, str], tmp: Path, mnt: Path, runs: int, source: str) -> None:
+    """Warm tar of a real tree to a pipe, and page-cache sharing between two mounts."""
+    store, image = tmp / "tree-store", tmp / "tree.cfs"
+    mkcomposefs = str(REPO / ".venv/bin/mkcomposefs")
+    subprocess.run([mkcomposefs, f"--digest-store={store}", source, str(image)], check=True)
+    du = subprocess.run(["du", "-sb", str(store)], capture_output=True, text=True, check=True)
+    total = int(du.stdout.split()[0])
+    print(f"tar source: {source}, {total / 1e9:.2f} GB of objects")
+    tar = f"tar -cf - -C {mnt} . | cat >/dev/null"
+    mounters: dict[str, Mounter] = {
+        name: (lambda e=exe: fuse(e, image, store, mnt)) for name, exe in servers.items()
+    }
+    mounters["kernel mount"] = lambda: kernel(image, store, mnt)
+    rows: Rows = {}
+    for name, mounter in mounters.items():
+        with mounter():
+            timed(tar)  # warm up
+            warm = min(timed(tar) for _ in range(runs))
+        rows[name] = (total / warm / 1e6,)
+    report("warm tar to a pipe", rows, "MB/s")
+
+    print("page cache, two mounts of one image: Cached growth for the first and second tar")
+    mnt2 = tmp / "mnt2"
+    mnt2.mkdir()
+    for name, exe in servers.items():
+        with fuse(exe, image, store, mnt), fuse(exe, image, store, mnt2):
+            drop_caches()
+            c0 = cached()
+            timed(f"tar -cf - -C {mnt} . | cat >/dev/null")
+            c1 = cached()
+            timed(f"tar -cf - -C {mnt2} . | cat >/dev/null")
+            c2 = cached()
+        print(f"  {name:14s} first {(c1 - c0) / 1e6:8.0f} MB  second {(c2 - c1) / 1e6:8.0f} MB")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reference", help="path of the reference composefs-fuse")
     ap.add_argument("--ours", default=str(REPO / ".venv/bin/composefs-fuse"))
     ap.add_argument("--source", default="/usr", help="tree for the tar test (default /usr)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--only", choices=("metadata", "read", "tar"), action="append",
+        help="run only these parts (repeatable; default: all)",
+    )  # fmt: skip
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_fuse: needs root (dropping caches, kernel mounts)", file=sys.stderr)
@@ -107,96 +195,17 @@ def main() -> int:
     servers = {"composefs-py": args.ours}
     if reference:
         servers["reference"] = reference
-
-    def report(title: str, rows: dict[str, tuple[float, ...]], unit: str) -> None:
-        print(title)
-        for name, values in rows.items():
-            shown = "  ".join(f"{v:9.1f} {unit}" for v in values)
-            ratio = ""
-            if reference and name == "composefs-py" and "reference" in rows:
-                ratio = (
-                    "  ("
-                    + ", ".join(
-                        f"{v / r:.2f}x" for v, r in zip(values, rows["reference"], strict=True)
-                    )
-                    + " of reference)"
-                )
-            print(f"  {name:14s} {shown}{ratio}")
-
+    parts = args.only or ["metadata", "read", "tar"]
     with tempfile.TemporaryDirectory(prefix="bench-fuse-") as tmp_name:
         tmp = Path(tmp_name)
-        mnt, empty = tmp / "mnt", tmp / "empty"
+        mnt = tmp / "mnt"
         mnt.mkdir()
-        empty.mkdir()
-
-        # metadata: the cs9 tree, no objects needed
-        cs9 = tmp / "cs9.cfs"
-        cs9.write_bytes(build_image(dumpfile.parse(gzip.decompress(CS9_DUMP.read_bytes()))))
-        for walk, cmd in (("find", f"find {mnt}"), ("ls -lR", f"ls -lR {mnt}")):
-            rows = {}
-            for name, exe in servers.items():
-                cold, warm = cold_warm(lambda e=exe: fuse(e, cs9, empty, mnt), cmd, args.runs)
-                rows[name] = (cold * 1000, warm * 1000)
-            cold, warm = cold_warm(lambda: kernel(cs9, empty, mnt), cmd, args.runs)
-            rows["kernel mount"] = (cold * 1000, warm * 1000)
-            report(f"{walk} over cs9 (cold, warm)", rows, "ms")
-
-        # a 1 GiB file
-        big_src, big_store, big = tmp / "big-src", tmp / "big-store", tmp / "big.cfs"
-        big_src.mkdir()
-        with open(big_src / "big", "wb") as f:
-            for _ in range(1024):
-                f.write(os.urandom(1 << 20))
-        subprocess.run(
-            [str(REPO / ".venv/bin/mkcomposefs"), f"--digest-store={big_store}", str(big_src),
-             str(big)], check=True,
-        )  # fmt: skip
-        shutil.rmtree(big_src)
-        rows = {}
-        for name, exe in servers.items():
-            cold, warm = cold_warm(
-                lambda e=exe: fuse(e, big, big_store, mnt), f"cat {mnt}/big", args.runs
-            )
-            rows[name] = ((1 << 30) / cold / 1e6, (1 << 30) / warm / 1e6)
-        cold, warm = cold_warm(lambda: kernel(big, big_store, mnt), f"cat {mnt}/big", args.runs)
-        rows["kernel mount"] = ((1 << 30) / cold / 1e6, (1 << 30) / warm / 1e6)
-        report("sequential read of 1 GiB (cold, warm)", rows, "MB/s")
-        shutil.rmtree(big_store)
-
-        # tar of a real tree, and page-cache sharing
-        tree_store, tree = tmp / "tree-store", tmp / "tree.cfs"
-        subprocess.run(
-            [str(REPO / ".venv/bin/mkcomposefs"), f"--digest-store={tree_store}", args.source,
-             str(tree)], check=True,
-        )  # fmt: skip
-        du = subprocess.run(["du", "-sb", str(tree_store)], capture_output=True, text=True)
-        total = int(du.stdout.split()[0])
-        print(f"tar source: {args.source}, {total / 1e9:.2f} GB of objects")
-        tar = f"tar -cf - -C {mnt} . | cat >/dev/null"
-        rows = {}
-        mounters: dict[str, Mounter] = {
-            name: (lambda e=exe: fuse(e, tree, tree_store, mnt)) for name, exe in servers.items()
-        }
-        mounters["kernel mount"] = lambda: kernel(tree, tree_store, mnt)
-        for name, mounter in mounters.items():
-            with mounter():
-                timed(tar)  # warm up
-                warm = min(timed(tar) for _ in range(args.runs))
-            rows[name] = (total / warm / 1e6,)
-        report("warm tar to a pipe", rows, "MB/s")
-
-        print("page cache, two mounts of one image: Cached growth for the first and second tar")
-        mnt2 = tmp / "mnt2"
-        mnt2.mkdir()
-        for name, exe in servers.items():
-            with fuse(exe, tree, tree_store, mnt), fuse(exe, tree, tree_store, mnt2):
-                drop_caches()
-                c0 = cached()
-                timed(f"tar -cf - -C {mnt} . | cat >/dev/null")
-                c1 = cached()
-                timed(f"tar -cf - -C {mnt2} . | cat >/dev/null")
-                c2 = cached()
-            print(f"  {name:14s} first {(c1 - c0) / 1e6:8.0f} MB  second {(c2 - c1) / 1e6:8.0f} MB")
+        if "metadata" in parts:
+            metadata_test(servers, tmp, mnt, args.runs)
+        if "read" in parts:
+            read_test(servers, tmp, mnt, args.runs)
+        if "tar" in parts:
+            tar_test(servers, tmp, mnt, args.runs, args.source)
     return 0
 
 

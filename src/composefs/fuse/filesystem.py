@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat
 import struct
 import threading
@@ -29,7 +30,7 @@ from typing import NamedTuple
 from composefs.erofs import format as fmt
 from composefs.erofs.reader import Image, ImageInode
 from composefs.fuse import protocol as p
-from composefs.fuse.verify import BlockHashCache, ServedObject, open_object
+from composefs.fuse.verify import BlockHashCache, ObjectDirs, ServedObject, open_object
 from composefs.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
 TIMEOUT = 86400  # seconds the kernel may cache entries and attributes: nothing changes
@@ -68,9 +69,10 @@ class FuseOptions(NamedTuple):
 class _Served:
     """An object kept open for an inode, with its passthrough registration."""
 
-    __slots__ = ("backing_id", "handles", "obj")
+    __slots__ = ("backing_id", "handles", "nid", "obj")
 
-    def __init__(self, obj: ServedObject, backing_id: int) -> None:
+    def __init__(self, nid: int, obj: ServedObject, backing_id: int) -> None:
+        self.nid = nid
         self.obj = obj
         self.backing_id = backing_id  # non-zero: the kernel reads the object itself
         self.handles = 0
@@ -83,7 +85,20 @@ class _OpenFile(NamedTuple):
     size: int
 
 
-_KEPT_OBJECTS = 512  # idle objects kept open for the next open of their inode
+_KEPT_PASSTHROUGH = 1 << 18  # passed-through objects kept (no fd: a few hundred bytes)
+
+
+def _raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one (as servers do); return how
+    many idle objects to keep open: half of it, at most 65536."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return max(64, min(65536, soft // 2))
 
 
 class Filesystem:
@@ -95,9 +110,7 @@ class Filesystem:
     ) -> None:
         self.image = image
         self.options = options = options or FuseOptions()
-        self.basedir_fds = [
-            (d, os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)) for d in basedirs
-        ]
+        self.objects = ObjectDirs(basedirs)
         self.root_nid = image.header.root_nid
         self.acl = options.acl and image.header.has_acl
         self.block_hashes = BlockHashCache()
@@ -109,15 +122,16 @@ class Filesystem:
         self._files: dict[int, _OpenFile] = {}
         self._next_fh = 1
         self._objects: OrderedDict[int, _Served] = OrderedDict()
+        self._kept_objects = _raise_fd_limit()  # idle objects kept open for the next open
+        self._kept_fds = 0
+        self._backing_files: dict[int, tuple[bytes | None, bytes | None]] = {}
         # Set by the session when the kernel agreed to passthrough: registers an fd with
         # /dev/fuse and returns its backing id.
         self.backing_open: Callable[[int], int] | None = None
         self.backing_close: Callable[[int], None] | None = None
 
     def close(self) -> None:
-        for _d, fd in self.basedir_fds:
-            os.close(fd)
-        self.basedir_fds = []
+        self.objects.close()
         for served in self._objects.values():
             served.obj.close()
         self._objects.clear()
@@ -257,7 +271,10 @@ class Filesystem:
             ino = self.image.inode(nid)
             if ino.mode & S_IFMT != S_IFREG:
                 raise OSError(errno.EISDIR if ino.is_dir() else errno.EINVAL, "not a file")
-            payload, digest = self.image.backing_file(ino)
+            known = self._backing_files.get(nid)
+            if known is None:
+                known = self._backing_files[nid] = self.image.backing_file(ino)
+            payload, digest = known
             if payload is None:
                 data: bytes | None = b""
                 if ino.layout != fmt.EROFS_INODE_CHUNK_BASED and ino.size:
@@ -267,7 +284,7 @@ class Filesystem:
                 handle = _OpenFile(nid, None, data, ino.size)
                 return p.OPEN_OUT.pack(self._add_handle(handle), p.FOPEN_KEEP_CACHE, 0)
             obj = open_object(
-                self.basedir_fds, payload, ino.size, digest, verify=self.options.verify,
+                self.objects, payload, ino.size, digest, verify=self.options.verify,
                 cache=self.block_hashes,
             )  # fmt: skip
             served = self._keep_object(nid, obj)
@@ -283,20 +300,38 @@ class Filesystem:
             served = self._objects.get(nid)
             if served is not None:
                 served.handles += 1
-                self._objects.move_to_end(nid)
             return served
 
     def _keep_object(self, nid: int, obj: ServedObject) -> _Served:
-        """Keep an object open for later opens of its inode (opening and checking it again
-        is most of an open's cost), with its passthrough registration if it gets one."""
-        fresh = _Served(obj, self._passthrough(obj))
+        """Keep an object for later opens of its inode (opening and checking it again is
+        most of an open's cost), with its passthrough registration if it gets one.
+
+        A passed-through object needs no fd of ours: the kernel holds the file for its
+        backing id, so those are kept by the hundred thousand; objects read through us
+        keep an fd, within half the open-file limit.
+        """
+        fresh = _Served(nid, obj, self._passthrough(obj))
+        if fresh.backing_id:
+            obj.close()
         with self._lock:
             served = self._objects.setdefault(nid, fresh)
             served.handles += 1
+            if served is fresh and obj.fd >= 0:
+                self._kept_fds += 1
             evicted = []
-            if len(self._objects) > _KEPT_OBJECTS:
-                idle = [n for n, s in self._objects.items() if not s.handles]
-                evicted = [self._objects.pop(n) for n in idle[: len(self._objects) - _KEPT_OBJECTS]]
+            if len(self._objects) > _KEPT_PASSTHROUGH or self._kept_fds > self._kept_objects:
+                need_fd = self._kept_fds > self._kept_objects
+                # Drop the most recently kept idle object but this one: a walk over more
+                # files than are kept (tar, a backup) then still finds the first ones
+                # next time, where dropping the oldest would miss every single time.
+                for old in reversed(self._objects.values()):
+                    if old.handles or old is served or (need_fd and old.obj.fd < 0):
+                        continue
+                    evicted.append(old)
+                    del self._objects[old.nid]
+                    if old.obj.fd >= 0:
+                        self._kept_fds -= 1
+                    break
         if served is not fresh:
             evicted.append(fresh)  # another thread opened it meanwhile: keep theirs
         for old in evicted:
@@ -335,6 +370,8 @@ class Filesystem:
         if handle is None:
             raise OSError(errno.EBADF, "unknown file handle")
         if handle.served is not None:
+            if handle.served.obj.fd < 0:  # passed through: the kernel reads it, not us
+                raise OSError(errno.EIO, "read of a passed-through file")
             return handle.served.obj.read(offset, size)
         if handle.data is None:
             return bytes(max(0, min(offset + size, handle.size) - offset))  # a file of holes

@@ -77,11 +77,11 @@ class BlockHashCache:
 class ServedObject:
     """One open backing object: an fd and how its reads are checked."""
 
-    __slots__ = ("digest", "fd", "kernel_verity", "leaves", "name", "size")
+    __slots__ = ("digest", "fd", "kernel_verity", "leaves", "name", "root_only", "size")
 
     def __init__(
         self, fd: int, name: str, size: int, digest: bytes | None, leaves: bytes | None,
-        kernel_verity: bool,
+        kernel_verity: bool, root_only: bool,
     ) -> None:  # fmt: skip
         self.fd = fd
         self.name = name
@@ -89,16 +89,12 @@ class ServedObject:
         self.digest = digest
         self.leaves = leaves  # None: reads are not checked here (kernel verity or noverify)
         self.kernel_verity = kernel_verity
+        self.root_only = root_only
 
     def trusted_for_passthrough(self) -> bool:
         """Whether the kernel may read this object without us checking each read: it has
         kernel fs-verity, or it was checked in full and only root can change it."""
-        if self.kernel_verity:
-            return True
-        if self.leaves is None:
-            return False
-        st = os.fstat(self.fd)
-        return st.st_uid == 0 and not st.st_mode & 0o022
+        return self.kernel_verity or (self.leaves is not None and self.root_only)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -129,8 +125,83 @@ class ServedObject:
         raise ObjectError(errno.EIO, f"object {self.name} failed verification")
 
 
+class ObjectDirs:
+    """The object directories, opened once; objects are opened below them only.
+
+    A redirect comes from the image, which may be hostile: an object path may not leave
+    its directory, by ``..``, an absolute path or a symlink.  Object paths as writers make
+    them (``xx/<rest>``) are opened below a kept fd of their ``xx`` directory with
+    O_NOFOLLOW, which is as safe as ``openat2`` RESOLVE_BENEATH and costs a plain open;
+    anything else goes through :func:`composefs.syscalls.open_beneath`.
+    """
+
+    def __init__(self, basedirs: list[str]) -> None:
+        self.names = list(basedirs)
+        self.fds: list[int] = []
+        try:
+            for d in basedirs:
+                self.fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        except BaseException:
+            self.close()
+            raise
+        self._subdirs: dict[tuple[int, bytes], int] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        for fd in [*self.fds, *self._subdirs.values()]:
+            if fd >= 0:
+                os.close(fd)
+        self.fds = []
+        self._subdirs = {}
+
+    def _subdir(self, index: int, name: bytes) -> int:
+        key = (index, name)
+        fd = self._subdirs.get(key)
+        if fd is None:
+            try:
+                fd = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=self.fds[index],
+                )  # fmt: skip
+            except FileNotFoundError:
+                fd = -1  # remembered: most stores hold all 256 or none
+            with self._lock:
+                if key in self._subdirs:
+                    if fd >= 0:
+                        os.close(fd)
+                    fd = self._subdirs[key]
+                else:
+                    self._subdirs[key] = fd
+        return fd
+
+    def open(self, path: bytes) -> tuple[int, str]:
+        """(fd, display name) of the object at ``path`` in the first directory holding it;
+        FileNotFoundError if none does."""
+        from composefs.syscalls import open_beneath
+
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY
+        head, slash, rest = path.partition(b"/")
+        simple = (
+            slash and head not in (b"", b".", b"..") and rest not in (b"", b".", b"..")
+            and b"/" not in rest
+        )  # fmt: skip
+        for index, dir_fd in enumerate(self.fds):
+            try:
+                if simple:
+                    sub = self._subdir(index, head)
+                    if sub < 0:
+                        continue
+                    fd = os.open(rest, flags | os.O_NOFOLLOW, dir_fd=sub)
+                else:
+                    fd = open_beneath(dir_fd, path, flags)
+            except FileNotFoundError:
+                continue
+            return fd, os.path.join(self.names[index], os.fsdecode(path))
+        raise FileNotFoundError(errno.ENOENT, "object not found", os.fsdecode(path))
+
+
 def open_object(
-    basedir_fds: list[tuple[str, int]],
+    dirs: ObjectDirs,
     path: bytes,
     size: int,
     digest: bytes | None,
@@ -140,20 +211,11 @@ def open_object(
 ) -> ServedObject:
     """Open the object ``path`` (relative to one of the object directories) for a file
     of ``size`` bytes whose image records ``digest``; checks as the module doc says."""
-    from composefs.syscalls import open_beneath
-
-    fd = -1
-    name = os.fsdecode(path)
-    for basedir, dir_fd in basedir_fds:
-        try:
-            fd = open_beneath(dir_fd, path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-            name = os.path.join(basedir, name)
-            break
-        except FileNotFoundError:
-            continue
-    if fd < 0:
-        log.error("object %s not found in %s", name, ":".join(b for b, _ in basedir_fds))
-        raise ObjectError(errno.ENOENT, f"object {name} is missing")
+    try:
+        fd, name = dirs.open(path)
+    except FileNotFoundError:
+        log.error("object %s not found in %s", os.fsdecode(path), ":".join(dirs.names))
+        raise ObjectError(errno.ENOENT, f"object {os.fsdecode(path)} is missing") from None
     try:
         return _checked(fd, name, size, digest, verify, cache)
     except BaseException:
@@ -164,23 +226,26 @@ def open_object(
 def _checked(
     fd: int, name: str, size: int, digest: bytes | None, verify: bool, cache: BlockHashCache
 ) -> ServedObject:
-    actual = os.fstat(fd).st_size
+    st = os.fstat(fd)
+    actual = st.st_size
+    # Only root can change it: the condition for letting the kernel read it unchecked.
+    root_only = st.st_uid == 0 and not st.st_mode & 0o022
     if not verify:
-        return ServedObject(fd, name, size, digest, None, False)
+        return ServedObject(fd, name, size, digest, None, False, root_only)
     if digest is None:
         log.error("object %s: the image records no digest to check it against", name)
         raise ObjectError(errno.EIO, f"object {name} cannot be verified")
     if actual != size:
         log.error("object %s has %d bytes, the image says %d", name, actual, size)
         raise ObjectError(errno.EIO, f"object {name} has the wrong size")
-    measured = fsverity.measure_verity(fd)
+    measured = fsverity.measure_verity(fd, st.st_dev)
     if measured is not None:
         if measured != digest:
             log.error(
                 "object %s has fs-verity digest %s, not %s", name, measured.hex(), digest.hex()
             )
             raise ObjectError(errno.EIO, f"object {name} failed verification")
-        return ServedObject(fd, name, size, digest, None, True)
+        return ServedObject(fd, name, size, digest, None, True, root_only)
     leaves = cache.get(digest)
     if leaves is None:
         try:
@@ -197,4 +262,4 @@ def _checked(
                     cache.put(digest, leaves)
         finally:
             cache.built(digest)
-    return ServedObject(fd, name, size, digest, leaves, False)
+    return ServedObject(fd, name, size, digest, leaves, False, root_only)
