@@ -407,3 +407,28 @@ def test_passthrough_shares_the_page_cache(tmp_path: Path) -> None:
                 break
         else:
             pytest.fail(f"Cached grew by {first >> 20} MiB, then {second >> 20} MiB")
+
+
+def test_index_of_hostile_images_fails_only_with_format_errors() -> None:
+    """The server's image check (its index walk) on 600 mutants of valid images: every
+    failure is a FormatError, the reader's, which the command prints before mounting.
+    (No mount needed: this is what runs before one.)"""
+    from mutate_images import apply, base_images, mutate
+
+    from composefs.erofs.reader import Image
+    from composefs.errors import FormatError
+    from composefs.fuse import Filesystem, FuseOptions
+
+    outcomes = {"ok": 0, "refused": 0}
+    for base in base_images():
+        if base.name == "config-hard-link":
+            continue  # large: the reader's own fuzz covers it
+        for index in range(150):
+            _kind, ops = mutate(base, 11, index)
+            try:
+                image = Image(apply(base.data, ops))
+                Filesystem(image, [], FuseOptions()).close()
+                outcomes["ok"] += 1
+            except FormatError:
+                outcomes["refused"] += 1
+    assert outcomes["refused"] > 100 and outcomes["ok"] > 50, outcomes

@@ -108,23 +108,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"Failed to open basedir {d}: {os.strerror(2 if not os.path.exists(d) else 20)}",
             )
 
-    from composefs.fuse import FuseError, FuseOptions, load_image, serve
+    from composefs.fuse import Filesystem, FuseError, FuseOptions, load_image, serve
 
     _setup_logging(debug, foreground)
-    try:
-        image = load_image(values["source"])
-    except FormatError as e:
-        return fail(PROG, f"Failed to load {values['source']}: {e.message}")
-    except OSError as e:
-        return fail(PROG, f"Failed to open {values['source']}: {e.strerror}")
     options = FuseOptions(
         verify="noverify" not in switches,
         acl="noacl" not in switches,
         passthrough="nopassthrough" not in switches,
     )
     try:
+        fs = Filesystem(load_image(values["source"]), basedirs, options)
+    except FormatError as e:
+        return fail(PROG, f"Failed to load {values['source']}: {e.message}")
+    except OSError as e:
+        return fail(PROG, f"Failed to open {values['source']}: {e.strerror}")
+    try:
         serve(
-            image, paths[0], basedirs, options=options, allow_other="allow_other" in switches,
+            fs, paths[0], allow_other="allow_other" in switches,
             auto_unmount="auto_unmount" in switches, threads=threads, debug=debug,
             daemonize=not foreground,
         )  # fmt: skip

@@ -13,27 +13,21 @@ from composefs.erofs.reader import Image
 from composefs.fuse.filesystem import Filesystem, FuseOptions
 from composefs.fuse.session import Connection, FuseError, Session, mount_connection
 
-__all__ = ["FuseError", "FuseOptions", "load_image", "serve"]
+__all__ = ["Filesystem", "FuseError", "FuseOptions", "load_image", "serve"]
 
 
 def load_image(path: str | os.PathLike[str]) -> Image:
-    """The image, read into memory and checked in full.
-
-    A private copy cannot change under the server, and checking every structure before
-    mounting means a malformed image is refused with the reader's error instead of
-    failing requests half-way through a walk.
-    """
+    """The image, read into memory: a private copy cannot change under the server.
+    (:class:`Filesystem` then checks every structure before anything is mounted.)"""
     with open(path, "rb") as f:
         data = f.read()
-    image = Image(data, name=os.fspath(path))
-    image.to_tree()  # raises FormatError naming the offset or inode
-    return image
+    return Image(data, name=os.fspath(path))
 
 
 def serve(
-    image: str | os.PathLike[str] | Image,
+    image: str | os.PathLike[str] | Image | Filesystem,
     mountpoint: str | os.PathLike[str],
-    basedirs: list[str],
+    basedirs: list[str] | None = None,
     *,
     options: FuseOptions | None = None,
     allow_other: bool = False,
@@ -42,14 +36,19 @@ def serve(
     debug: bool = False,
     daemonize: bool = False,
 ) -> None:
-    """Mount ``image`` at ``mountpoint`` and serve it until it is unmounted.
+    """Mount ``image`` at ``mountpoint`` and serve it until it is unmounted, objects from
+    ``basedirs``; raises :class:`~composefs.errors.FormatError` for a malformed image
+    before mounting anything.  ``image`` may also be a :class:`Filesystem` made already.
 
     With ``daemonize`` the call returns once mounted, a child process serving it.
     """
-    loaded = image if isinstance(image, Image) else load_image(image)
-    fs = Filesystem(loaded, basedirs, options)
+    if isinstance(image, Filesystem):
+        fs = image
+    else:
+        loaded = image if isinstance(image, Image) else load_image(image)
+        fs = Filesystem(loaded, basedirs or [], options)
     conn: Connection = mount_connection(
-        os.fspath(mountpoint), loaded.name, allow_other=allow_other, auto_unmount=auto_unmount
+        os.fspath(mountpoint), fs.image.name, allow_other=allow_other, auto_unmount=auto_unmount
     )
     if daemonize and os.fork() != 0:
         os.close(conn.fd)

@@ -21,7 +21,6 @@ import errno
 import os
 import resource
 import stat
-import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from typing import NamedTuple
 
 from composefs.erofs import format as fmt
 from composefs.erofs.reader import Image, ImageInode
+from composefs.errors import FormatError
 from composefs.fuse import protocol as p
 from composefs.fuse.verify import BlockHashCache, ObjectDirs, ServedObject, open_object
 from composefs.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
@@ -46,10 +46,11 @@ _NEGATIVE = p.ENTRY_OUT_HEAD.pack(0, 0, TIMEOUT, 0, 0, 0) + bytes(p.ATTR.size)
 _NO_ENTRY = bytes(p.ENTRY_OUT_HEAD.size + p.ATTR.size)
 _ENTRY_HEAD = p.ENTRY_OUT_HEAD.pack
 _ATTR_OUT_HEAD = p.ATTR_OUT_HEAD.pack(TIMEOUT, 0, 0)
-_ATTR_MODE = struct.Struct("=I")
-_MODE_OFFSET = 60  # of mode, then nlink uid gid rdev, in struct fuse_attr
-_RDEV_OFFSET = 76
+_HIDDEN = -1  # the kind of a whiteout in the index
 _PADDING = [bytes(-i % 8) for i in range(8)]
+
+
+_Xattrs = tuple[tuple[bytes, bytes], ...]
 
 
 class _Directory(NamedTuple):
@@ -118,6 +119,8 @@ class Filesystem:
         self._attrs: dict[int, bytes] = {}
         self._dirs: dict[int, _Directory] = {}
         self._by_name: OrderedDict[int, dict[bytes, int]] = OrderedDict()
+        self._xattrs: dict[int, _Xattrs] = {}
+        self._xattr_sets: dict[_Xattrs, _Xattrs] = {}
         self._index()
         self._files: dict[int, _OpenFile] = {}
         self._next_fh = 1
@@ -151,39 +154,50 @@ class Filesystem:
         image = self.image
         root = image.inode(self.root_nid)
         if not root.is_dir():
-            raise image._error(f"the root inode {root.nid} is not a directory")
+            raise _malformed(image, f"the root inode {root.nid} is not a directory")
         self._attrs[root.nid] = self._check(root)
+        # file type of every inode met, and whether it is hidden (a whiteout)
+        kinds: dict[int, int] = {root.nid: 4}
         stack = [root]
         budget = image.size
         while stack:
             ino = stack.pop()
             budget -= ino.size
             if budget < 0:
-                raise image._error("directories overlap (more entries than the image holds)")
+                raise _malformed(image, "directories overlap (more entries than the image holds)")
             names: list[bytes] = []
             nids: list[int] = []
             types: list[int] = []
+            previous = b""
             for name, child, _ftype in image.iterdir(ino):
+                if name <= previous:
+                    # the kernel looks names up by binary search: they must be sorted
+                    raise _malformed(
+                        image, f"directory {ino.nid}: entries out of order at {name!r}"
+                    )
+                previous = name
                 if name == b"." or name == b"..":
                     names.append(name)
                     nids.append(child)
                     types.append(4)
                     continue
-                attr = self._attrs.get(child)
-                child_ino = None
-                if attr is None:
+                kind = kinds.get(child)
+                if kind is None:
                     child_ino = image.inode(child)
-                    attr = self._attrs[child] = self._check(child_ino)
-                    if child_ino.is_dir():
+                    self._attrs[child] = self._check(child_ino)
+                    ftype = child_ino.mode & S_IFMT
+                    kind = kinds[child] = (
+                        _HIDDEN if ftype == S_IFCHR and child_ino.i_u == 0 else _DT.get(ftype, 0)
+                    )
+                    if ftype == S_IFDIR:
                         stack.append(child_ino)
-                mode = _ATTR_MODE.unpack_from(attr, _MODE_OFFSET)[0]
-                if mode & S_IFMT == S_IFDIR and child_ino is None:
-                    raise image._error(f"directory {child} is reached twice (from {ino.nid})")
-                if mode & S_IFMT == S_IFCHR and _ATTR_MODE.unpack_from(attr, _RDEV_OFFSET)[0] == 0:
+                elif kind == 4:
+                    raise _malformed(image, f"directory {child} is reached twice (from {ino.nid})")
+                if kind == _HIDDEN:
                     continue  # a whiteout: overlayfs hides those of its lowest layer
                 names.append(name)
                 nids.append(child)
-                types.append(_DT.get(mode & S_IFMT, 0))
+                types.append(kind)
             self._dirs[ino.nid] = _Directory(names, nids, types)
 
     def _check(self, ino: ImageInode) -> bytes:
@@ -191,16 +205,23 @@ class Filesystem:
         malformed) and return its attributes, packed."""
         image = self.image
         ftype = ino.mode & S_IFMT
-        image.raw_xattrs(ino)
+        raw = image.raw_xattrs(ino)
+        if raw:
+            visible = self._visible_xattrs(raw)
+            if visible:
+                self._xattrs[ino.nid] = visible
         if ftype == S_IFLNK:
             image.readlink(ino)
         elif ftype == S_IFREG and ino.size and ino.layout != fmt.EROFS_INODE_CHUNK_BASED:
             image.read_data(ino, ino.size)
         elif ftype == S_IFDIR and ino.layout == fmt.EROFS_INODE_CHUNK_BASED:
-            raise image._error(f"directory {ino.nid} has a chunk-based layout", ino.tail_offset)
+            raise _malformed(
+                image, f"directory {ino.nid} has a chunk-based layout", ino.tail_offset
+            )
         size = ino.size
+        mtime = ino.mtime_sec & 0xFFFF_FFFF_FFFF_FFFF  # signed: the kernel reads it back so
         return p.ATTR.pack(
-            ino.nid, size, (size + 511) // 512, ino.mtime_sec, ino.mtime_sec, ino.mtime_sec,
+            ino.nid, size, (size + 511) // 512, mtime, mtime, mtime,
             ino.mtime_nsec, ino.mtime_nsec, ino.mtime_nsec, ino.mode, ino.nlink, ino.uid,
             ino.gid, ino.rdev, 4096, 0,
         )  # fmt: skip
@@ -410,40 +431,49 @@ class Filesystem:
     def readdirplus(self, nodeid: int, body: memoryview) -> bytes:
         return self.readdir(nodeid, body, plus=True)
 
-    def _visible_xattrs(self, nodeid: int, root: bool) -> dict[bytes, bytes]:
-        ino = self.image.inode(self._nid(nodeid))
-        out: dict[bytes, bytes] = {}
-        for key, value in self.image.raw_xattrs(ino):
+    def _visible_xattrs(self, raw: list[tuple[bytes, bytes]]) -> _Xattrs:
+        """The xattrs a user of the kernel mount sees, from the stored ones; interned, as
+        many inodes carry the same set (an SELinux label, say)."""
+        out = []
+        for key, value in raw:
             if key.startswith(_OVERLAY):
                 if not key.startswith(_ESCAPED):
                     continue  # overlayfs' own: redirect, metacopy, opaque...
                 key = _OVERLAY + key[len(_ESCAPED) :]
-            if key.startswith(_TRUSTED) and not root:
-                continue
             if key in _ACL_NAMES and not self.acl:
                 continue
-            out[key] = bytes(value)
-        return out
+            out.append((bytes(key), bytes(value)))
+        visible = tuple(out)
+        return self._xattr_sets.setdefault(visible, visible)
 
     def getxattr(self, nodeid: int, body: memoryview, uid: int) -> bytes:
         size = p.GETXATTR_IN.unpack_from(body)[0]
         name = bytes(body[p.GETXATTR_IN.size :]).split(b"\0", 1)[0]
         if name in _ACL_NAMES and not self.acl:
-            raise OSError(errno.EOPNOTSUPP if not self.options.acl else errno.ENODATA, "no ACL")
-        value = self._visible_xattrs(nodeid, uid == 0).get(name)
-        if value is None:
-            raise OSError(errno.ENODATA, "no such attribute")
-        return _sized(value, size)
+            raise OSError(errno.EOPNOTSUPP, "no ACLs in this image (or noacl)")
+        # (trusted.* needs CAP_SYS_ADMIN: the kernel checks before asking)
+        for key, value in self._xattrs.get(self._nid(nodeid), ()):
+            if key == name:
+                return _sized(value, size)
+        raise OSError(errno.ENODATA, "no such attribute")
 
     def listxattr(self, nodeid: int, body: memoryview, uid: int) -> bytes:
         size = p.GETXATTR_IN.unpack_from(body)[0]
-        names = b"".join(k + b"\0" for k in self._visible_xattrs(nodeid, uid == 0))
+        names = b"".join(
+            key + b"\0"
+            for key, _value in self._xattrs.get(self._nid(nodeid), ())
+            if uid == 0 or not key.startswith(_TRUSTED)  # as listxattr on the kernel mount
+        )
         return _sized(names, size)
 
     def statfs(self, _nodeid: int, _body: memoryview) -> bytes:
         blocks = self.image.size // 4096
         inodes = self.image.header.inos
         return p.KSTATFS.pack(blocks, 0, 0, inodes, 0, 4096, 255, 4096, 0)
+
+
+def _malformed(image: Image, message: str, offset: int | None = None) -> FormatError:
+    return FormatError(f"{image.name}: {message}", offset=offset)
 
 
 def _sized(value: bytes, size: int) -> bytes:

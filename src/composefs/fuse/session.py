@@ -254,8 +254,11 @@ class Session:
             p.ASYNC_READ | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.PARALLEL_DIROPS
             | p.MAX_PAGES | p.CACHE_SYMLINKS | p.BIG_WRITES | p.INIT_EXT
         )  # fmt: skip
-        if self.fs.options.acl:
-            want |= p.POSIX_ACL  # the kernel then caches ACLs (and their absence)
+        if self.fs.acl:
+            # The kernel then enforces and caches the image's ACLs.  Without any (the
+            # usual case), EOPNOTSUPP for ACL names, as EROFS mounted noacl answers: the
+            # kernel stops asking after the first.
+            want |= p.POSIX_ACL
         stack_depth = 0
         if (
             self.fs.options.passthrough
