@@ -47,6 +47,7 @@ _NO_ENTRY = bytes(p.ENTRY_OUT_HEAD.size + p.ATTR.size)
 _ENTRY_HEAD = p.ENTRY_OUT_HEAD.pack
 _ATTR_OUT_HEAD = p.ATTR_OUT_HEAD.pack(TIMEOUT, 0, 0)
 _HIDDEN = -1  # the kind of a whiteout in the index
+_PASSED_THROUGH = 0  # the file handle of every passed-through open (others count from 1)
 _PADDING = [bytes(-i % 8) for i in range(8)]
 
 
@@ -309,11 +310,20 @@ class Filesystem:
                 cache=self.block_hashes,
             )  # fmt: skip
             served = self._keep_object(nid, obj)
-        handle = _OpenFile(nid, served, None, served.obj.size)
-        fh = self._add_handle(handle)
         if served.backing_id:
-            return p.OPEN_OUT.pack(fh, p.FOPEN_PASSTHROUGH, served.backing_id)
+            # No handle: reads go to the kernel; release finds the object by inode.
+            return p.OPEN_OUT.pack(_PASSED_THROUGH, p.FOPEN_PASSTHROUGH, served.backing_id)
+        fh = self._add_handle(_OpenFile(nid, served, None, served.obj.size))
         return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE, 0)
+
+    def has_kept_object(self, nodeid: int) -> bool:
+        """Whether opening this node is quick: its object is kept open, or it is known to
+        have none (content inline)."""
+        nid = self._nid(nodeid)
+        if nid in self._objects:
+            return True
+        known = self._backing_files.get(nid)
+        return known is not None and known[0] is None
 
     def _object(self, nid: int) -> _Served | None:
         """The object already open for this inode (counted as used once more), if any."""
@@ -398,12 +408,16 @@ class Filesystem:
             return bytes(max(0, min(offset + size, handle.size) - offset))  # a file of holes
         return handle.data[offset : offset + size]
 
-    def release(self, _nodeid: int, body: memoryview) -> bytes:
+    def release(self, nodeid: int, body: memoryview) -> bytes:
         fh = p.RELEASE_IN.unpack_from(body)[0]
         with self._lock:
-            handle = self._files.pop(fh, None)
-            if handle is not None and handle.served is not None:
-                handle.served.handles -= 1  # stays open, for the next open of the inode
+            if fh == _PASSED_THROUGH:
+                served = self._objects.get(self._nid(nodeid))
+            else:
+                handle = self._files.pop(fh, None)
+                served = handle.served if handle is not None else None
+            if served is not None:
+                served.handles -= 1  # stays open, for the next open of the inode
         return b""
 
     def readdir(self, nodeid: int, body: memoryview, plus: bool = False) -> bytes:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from concurrent.futures import Executor
 from types import FrameType
 
 from composefs import syscalls
@@ -137,6 +138,7 @@ _OPCODES = (
     "INIT OPENDIR READDIR RELEASEDIR ACCESS INTERRUPT DESTROY BATCH_FORGET READDIRPLUS"
 )
 _NAMES = {getattr(p, name): name for name in _OPCODES.split()}  # for -d
+_REPLY = p.OUT_HEADER.pack
 
 
 class Session:
@@ -162,17 +164,16 @@ class Session:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 signal.signal(sig, self._on_signal)
-        workers = [
-            threading.Thread(target=self._serve, name=f"fuse-{i}", daemon=True)
-            for i in range(self.threads - 1)
-        ]
-        for w in workers:
-            w.start()
+        pool = None
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="fuse-open")
         try:
-            self._serve()
+            self._serve(pool)
         finally:
-            for w in workers:
-                w.join()
+            if pool is not None:
+                pool.shutdown(wait=True)
             self.fs.close()
             os.close(self.conn.fd)
         if self._errors:
@@ -182,13 +183,17 @@ class Session:
         log.info("signal %d: unmounting %s", signum, self.conn.mountpoint)
         self.conn.unmount()
 
-    def _serve(self) -> None:
+    def _serve(self, pool: Executor | None) -> None:
+        """One thread reads and answers every request: handing requests between Python
+        threads costs more than answering them (the GIL).  Only opens that must open and
+        perhaps hash an object go to the pool, so that one large object being checked
+        does not hold up everything else."""
         fd = self.conn.fd
         buf = bytearray(_BUFFER)
         view = memoryview(buf)
-        handlers = self._handlers
         header = p.IN_HEADER.unpack_from
-        reply_header = p.OUT_HEADER.pack
+        answer = self._answer
+        kept = self.fs.has_kept_object
         while True:
             try:
                 n = os.readv(fd, [buf])
@@ -204,45 +209,49 @@ class Session:
             body = view[p.IN_HEADER.size : min(length, n)]
             if self.debug:
                 log.debug("%s node %d (unique %d)", _NAMES.get(opcode, opcode), nodeid, unique)
-            try:
-                handler = handlers.get(opcode)
-                if handler is not None:
-                    data = handler(nodeid, body)
-                elif opcode == p.GETXATTR:
-                    data = self.fs.getxattr(nodeid, body, uid)
-                elif opcode == p.LISTXATTR:
-                    data = self.fs.listxattr(nodeid, body, uid)
-                elif opcode in (p.FORGET, p.BATCH_FORGET, p.INTERRUPT):
-                    continue  # no reply; nothing per node is kept
-                elif opcode == p.INIT:
-                    data = self._init(body)
-                elif opcode == p.DESTROY:
-                    data = b""
-                elif opcode in p.WRITING:
-                    raise OSError(errno.EROFS, "read-only file system")
-                else:
-                    # OPENDIR, FLUSH, ACCESS, locks...: "not implemented" makes the kernel
-                    # stop asking (directories then open without a round trip and keep
-                    # their listing cached) or do the work itself.
-                    raise OSError(errno.ENOSYS, "not implemented")
-                error = 0
-            except OSError as e:
-                error = e.errno or errno.EIO
+            if opcode == p.OPEN and pool is not None and not kept(nodeid):
+                pool.submit(answer, opcode, unique, nodeid, uid, memoryview(bytes(body)))
+                continue
+            if answer(opcode, unique, nodeid, uid, body):
+                return
+
+    def _answer(self, opcode: int, unique: int, nodeid: int, uid: int, body: memoryview) -> bool:
+        """Handle one request and write its reply; True once the connection is gone."""
+        try:
+            handler = self._handlers.get(opcode)
+            if handler is not None:
+                data = handler(nodeid, body)
+            elif opcode == p.GETXATTR:
+                data = self.fs.getxattr(nodeid, body, uid)
+            elif opcode == p.LISTXATTR:
+                data = self.fs.listxattr(nodeid, body, uid)
+            elif opcode in (p.FORGET, p.BATCH_FORGET, p.INTERRUPT):
+                return False  # no reply; nothing per node is kept
+            elif opcode == p.INIT:
+                data = self._init(body)
+            elif opcode == p.DESTROY:
                 data = b""
-            except Exception:
-                log.exception("request %s on node %d failed", _NAMES.get(opcode, opcode), nodeid)
-                error = errno.EIO
-                data = b""
-            try:
-                if error:
-                    os.write(fd, reply_header(16, -error, unique))
-                else:
-                    os.writev(fd, [reply_header(16 + len(data), 0, unique), data])
-            except OSError as e:
-                if e.errno == errno.ENODEV:
-                    return
-                if e.errno != errno.ENOENT:  # ENOENT: the request was interrupted meanwhile
-                    log.warning("reply to request %d: %s", unique, e)
+            elif opcode in p.WRITING:
+                raise OSError(errno.EROFS, "read-only file system")
+            else:
+                # OPENDIR, FLUSH, ACCESS, locks...: "not implemented" makes the kernel
+                # stop asking (directories then open without a round trip and keep
+                # their listing cached) or do the work itself.
+                raise OSError(errno.ENOSYS, "not implemented")
+            reply = _REPLY(16 + len(data), 0, unique) + data
+        except OSError as e:
+            reply = _REPLY(16, -(e.errno or errno.EIO), unique)
+        except Exception:
+            log.exception("request %s on node %d failed", _NAMES.get(opcode, opcode), nodeid)
+            reply = _REPLY(16, -errno.EIO, unique)
+        try:
+            os.write(self.conn.fd, reply)
+        except OSError as e:
+            if e.errno == errno.ENODEV:
+                return True
+            if e.errno != errno.ENOENT:  # ENOENT: the request was interrupted meanwhile
+                log.warning("reply to request %d: %s", unique, e)
+        return False
 
     def _init(self, body: memoryview) -> bytes:
         major, minor, max_readahead, flags = p.INIT_IN.unpack_from(body)
