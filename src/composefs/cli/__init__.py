@@ -2,48 +2,17 @@
 
 Each tool is one module with a ``main(argv=None) -> int``.  Errors are one line on stderr,
 ``PROGRAM: MESSAGE``, and a non-zero exit status; usage mistakes print the usage too and
-exit with status 1, like the reference tools.
+exit with status 1, like the reference tools.  The argparse-based helpers live in
+:mod:`composefs.cli.args`, apart, so that tools run at every mount (``mount.composefs``)
+do not pay for importing argparse.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NoReturn
-
-
-class UsageError(Exception):
-    """Bad command line: printed without the program prefix (like the reference), exit 1."""
-
-    def __init__(self, message: str, *, usage: bool = False):
-        super().__init__(message)
-        self.usage = usage
-
-
-class ToolArgumentParser(argparse.ArgumentParser):
-    """argparse with the reference tools' conventions: usage errors exit with status 1."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: {message}\n")
-
-
-def run_tool(
-    parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None,
-    run: Callable[[argparse.Namespace], int],
-) -> int:
-    """Parse (options may follow operands, as with getopt) and run; usage errors exit 1."""
-    args = parser.parse_intermixed_args(argv)
-    try:
-        return run(args)
-    except UsageError as e:
-        sys.stderr.write(f"{e}\n")
-        if e.usage:
-            parser.print_usage(sys.stderr)
-        return 1
 
 
 def fail(prog: str, message: str, status: int = 1) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from composefs.cli import ToolArgumentParser, UsageError, console_entry, fail
+from composefs.cli import console_entry, fail
+from composefs.cli.args import ToolArgumentParser, UsageError
 from composefs.erofs.reader import Image
 from composefs.erofs.writer import build_image
 from composefs.errors import FormatError, TreeError

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 from composefs import imageinfo
-from composefs.cli import ToolArgumentParser, UsageError, console_entry, fail, run_tool
+from composefs.cli import console_entry, fail
+from composefs.cli.args import ToolArgumentParser, UsageError, run_tool
 from composefs.erofs.reader import Image
 from composefs.errors import FormatError
 

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from composefs import dumpfile
-from composefs.cli import ToolArgumentParser, UsageError, console_entry, fail, run_tool
+from composefs.cli import console_entry, fail
+from composefs.cli.args import ToolArgumentParser, UsageError, run_tool
 from composefs.erofs.writer import build_image
 from composefs.errors import DumpfileError, TreeError
 from composefs.fsutil import write_atomic
