@@ -486,7 +486,7 @@ class Image:
             raise self._error(f"inode {nid}: xattr entry overflows its area", pos)
         data = self._data
         key = prefix + data[name_start:value_start]
-        if not key or b"\0" in key:
+        if not key or _NUL in key:
             raise self._error(f"inode {nid}: invalid xattr name {key!r}", name_start)
         size = (_XATTR_ENTRY.size + name_len + value_size + 3) & ~3
         return key, bytes(data[value_start:value_end]), size
@@ -685,7 +685,7 @@ class Image:
             size = data[p + 2] | data[p + 3] << 8
             redirect = data[p + 20 : p + 20 + size]
             p = (p + 20 + size + 3) & ~3
-        if p != end or len(redirect) < 2 or redirect[0] != 0x2F or b"\0" in redirect:  # "/"
+        if p != end or len(redirect) < 2 or redirect[0] != _SLASH or _NUL in redirect:
             return None
         digest = metacopy[4:] if len(metacopy) == fmt.METACOPY_SIZE else None
         return redirect[1:], digest
@@ -863,7 +863,7 @@ class Image:
                 metacopy = True
                 digest = value[4:] if len(value) == fmt.METACOPY_SIZE else None
             elif key == fmt.OVERLAY_REDIRECT and payload is None:
-                if len(value) < 2 or value[0] != 0x2F or b"\0" in value:  # "/"
+                if len(value) < 2 or value[0] != _SLASH or _NUL in value:
                     return None
                 payload = value[1:]
             else:
