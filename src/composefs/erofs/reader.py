@@ -149,6 +149,7 @@ class Image:
         self.header = self._read_header()
         # shared xattr entries by index: many inodes refer to one entry, decode it once
         self._shared: dict[int, tuple[bytes, bytes]] = {}
+        self.reset_budget()
 
     def _map(self, fd: int) -> bytes | mmap.mmap:
         size = os.fstat(fd).st_size
@@ -167,6 +168,12 @@ class Image:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def data(self) -> bytes | mmap.mmap:
+        """The image's bytes, for code that decodes its structures itself
+        (:mod:`composefs.erofs.dumptext`): it must check every offset against ``size``."""
+        return self._data
 
     # -- low level -------------------------------------------------------------------------
 
@@ -243,13 +250,13 @@ class Image:
         tail_offset = offset + isize + xattr_size
         if tail_offset > self.size:
             raise self._error(f"inode {nid}: xattrs run past the end of the image", offset)
-        self._check_inode(nid, mode, layout, size, i_u, tail_offset)
+        self.check_inode(nid, mode, layout, size, i_u, tail_offset)
         return ImageInode(
             nid, ino, mode, nlink, uid, gid, size, mtime, mtime_nsec, i_u, layout,
             xattr_offset, xattr_size, tail_offset,
         )  # fmt: skip
 
-    def _check_inode(
+    def check_inode(
         self, nid: int, mode: int, layout: int, size: int, i_u: int, tail_offset: int
     ) -> None:
         """What every inode must satisfy before anything else is read through it."""
@@ -323,7 +330,7 @@ class Image:
 
     # -- directories ---------------------------------------------------------------------------
 
-    def _dir_chunks(self, ino: ImageInode) -> list[tuple[int, int]]:
+    def dir_chunks(self, ino: ImageInode) -> list[tuple[int, int]]:
         """(offset, length) of each directory chunk: the blocks, then the inline tail."""
         start, in_blocks, tail = self._flat_parts(ino)
         end = start + in_blocks  # inside the image: at most one entry per block of it
@@ -364,7 +371,7 @@ class Image:
         """(name, nid, EROFS file type) of every entry of a directory, ``.`` and ``..`` too."""
         if ino.mode & S_IFMT != S_IFDIR:
             raise self._error(f"inode {ino.nid} is not a directory")
-        for off, length in self._dir_chunks(ino):
+        for off, length in self.dir_chunks(ino):
             yield from self._chunk_entries(ino.nid, off, length)
 
     def lookup(self, path: bytes | str) -> ImageInode | None:
@@ -390,7 +397,7 @@ class Image:
 
     def _find(self, ino: ImageInode, name: bytes) -> int | None:
         data = self._data
-        for off, length in self._dir_chunks(ino):
+        for off, length in self.dir_chunks(ino):
             if length < _DIRENT.size:
                 raise self._error(f"directory {ino.nid}: truncated entry block", off)
             first = _U16.unpack_from(data, off + 8)[0]
@@ -525,10 +532,7 @@ class Image:
         if root_ino.mode & S_IFMT != S_IFDIR:
             raise self._error(f"the root inode {root_ino.nid} is not a directory")
         wanted = None if filter is None else set(filter)
-        # Everything materialised is bounded by the image: in a valid image each byte of
-        # directory data, inline xattrs and inline content belongs to one inode, so needing
-        # more than that means overlapping structures built to multiply the work.
-        self._budget = 2 * self.size
+        self.reset_budget()
         root = self.to_inode(root_ino)
         tree = Tree(root)
         seen: dict[int, Inode] = {root_ino.nid: root}
@@ -541,7 +545,7 @@ class Image:
                 child = seen.get(nid)
                 descend = None
                 if child is None:
-                    loaded = self._tree_node(nid)
+                    loaded = self.tree_node(nid)
                     if loaded is None:
                         continue  # a real whiteout: a root stub
                     child, descend = loaded
@@ -561,14 +565,27 @@ class Image:
                 stack.pop()
         return tree
 
-    def _spend(self, amount: int, where: int) -> None:
-        self._budget -= amount
-        if self._budget < 0:
+    # -- the work budget of a whole-image walk ---------------------------------------------------
+
+    def reset_budget(self) -> None:
+        """Start a whole-image walk (:meth:`to_tree`, :mod:`composefs.erofs.dumptext`).
+
+        Everything materialised is bounded by the image: in a valid image each byte of
+        directory data, inline xattrs and inline content belongs to one inode, so needing
+        more than that means overlapping structures built to multiply the work.
+        """
+        self.budget = 2 * self.size
+
+    def spend(self, amount: int, where: int) -> None:
+        """Take ``amount`` from :attr:`budget`; FormatError (at ``where``) when it runs out."""
+        self.budget -= amount
+        if self.budget < 0:
             raise self._error("image structures overlap (more data than the image holds)", where)
 
-    def _tree_node(self, nid: int) -> tuple[Inode, ImageInode | None] | None:
+    def tree_node(self, nid: int) -> tuple[Inode, ImageInode | None] | None:
         """The model inode for ``nid`` (and, for a directory, its ImageInode), or None for a
-        root stub.  :meth:`inode` and :meth:`to_inode` fused for speed in :meth:`to_tree`."""
+        root stub.  :meth:`inode` and :meth:`to_inode` fused for speed in :meth:`to_tree`;
+        spends from the budget as :meth:`to_tree` does."""
         data = self._data
         header = self.header
         offset = header.meta_offset + nid * 32
@@ -597,7 +614,7 @@ class Image:
             if tail_offset > self.size:
                 return self._tree_node_slow(nid)
         if layout or ftype not in FILE_TYPES:
-            self._check_inode(nid, mode, layout, size, i_u, tail_offset)
+            self.check_inode(nid, mode, layout, size, i_u, tail_offset)
         if ftype in (S_IFCHR, S_IFBLK):
             if i_u == 0 and ftype == S_IFCHR:
                 return None
@@ -612,19 +629,19 @@ class Image:
                 xattr_offset if icount else 0, tail_offset - xattr_offset, tail_offset,
             )  # fmt: skip
             if ftype == S_IFLNK:
-                self._spend(size, tail_offset)
+                self.spend(size, tail_offset)
                 node.payload = self.readlink(info)
                 info = None
             elif ftype == S_IFREG:
-                self._spend(size, tail_offset)
+                self.spend(size, tail_offset)
                 node.content = self.read_data(info, min(INLINE_CONTENT_MAX, self.size))
                 info = None
             elif layout == fmt.EROFS_INODE_CHUNK_BASED:
                 raise self._error(f"directory {nid} has a chunk-based layout", tail_offset)
         if icount:
-            self._spend(tail_offset - xattr_offset, xattr_offset)
+            self.spend(tail_offset - xattr_offset, xattr_offset)
             external = (
-                self._external_xattrs(nid, xattr_offset, tail_offset) if ftype == S_IFREG else None
+                self.external_xattrs(nid, xattr_offset, tail_offset) if ftype == S_IFREG else None
             )
             if external is not None:
                 node.payload, node.digest = external
@@ -634,19 +651,19 @@ class Image:
                 )
         return node, info
 
-    def _external_xattrs(self, nid: int, start: int, end: int) -> tuple[bytes, bytes | None] | None:
+    def external_xattrs(self, nid: int, start: int, end: int) -> tuple[bytes, bytes | None] | None:
         """Fast path for the xattr area the writer gives an external file: its metacopy
         and its redirect, each inline or a shared reference (several files with the same
         content share both), nothing else.  Returns (payload, digest), or None for any
         other area, which the careful path then reads."""
         data = self._data
-        m = _EXTERNAL_XATTRS.fullmatch(data, start, end)
+        m = EXTERNAL_XATTRS.fullmatch(data, start, end)
         if m is not None:  # the common forms, in one step
             digest, ref, size, value, refs = m.groups()
             if refs is None and len(value) + 1 != size[0] | size[1] << 8:
                 return None
             if ref or refs:
-                shared = self._shared_external(nid, ref or refs)
+                shared = self.shared_external(nid, ref or refs)
                 if shared is None:
                     return None
                 digest = shared[0]
@@ -705,8 +722,8 @@ class Image:
         raise self._error(f"inode {nid}: unreadable", ino.tail_offset)  # pragma: no cover
 
     def _tree_entries(self, ino: ImageInode) -> Iterator[tuple[bytes, int, int]]:
-        for off, length in self._dir_chunks(ino):
-            self._spend(length, off)
+        for off, length in self.dir_chunks(ino):
+            self.spend(length, off)
             for name, nid, _ftype in self._chunk_entries(ino.nid, off, length):
                 if name != b"." and name != b"..":
                     yield name, nid, off
@@ -735,7 +752,7 @@ class Image:
         root_ino = self.root
         if root_ino.mode & S_IFMT != S_IFDIR:
             raise _Declined
-        self._budget = 2 * self.size  # the same work budget as to_tree, spent the same way
+        self.budget = 2 * self.size  # the same work budget as to_tree, spent the same way
         # What the output may hold beyond what the budget bounds: every line repeats its
         # directory's path, which a deep image could make quadratic; the careful path
         # streams its output instead.
@@ -747,8 +764,8 @@ class Image:
         build_time = self.header.build_time
         build_nsec = self.header.build_time_nsec
         unpack = _COMPACT.unpack_from
-        match_external = _EXTERNAL_XATTRS.fullmatch
-        # _shared_external of each set of shared references met
+        match_external = EXTERNAL_XATTRS.fullmatch
+        # shared_external of each set of shared references met
         externals: dict[bytes, tuple[bytes | None, bytes]] = {}
         # "MODE NLINK UID GID RDEV MTIME " is shared by most files of an image
         mids: dict[tuple[int, int, int, int, int, int], bytes] = {}
@@ -771,7 +788,7 @@ class Image:
                     out += (prefix, name, head, b"@", mid, _p + _n, tail)
                     continue
                 # Most entries of an image are external files: a compact chunk-based inode
-                # whose xattr area _EXTERNAL_XATTRS matches.  They are decoded right here;
+                # whose xattr area EXTERNAL_XATTRS matches.  They are decoded right here;
                 # any other inode, or one that fails a check, goes to _fast_node.
                 off = meta + nid * 32
                 if off + 64 <= size:
@@ -784,7 +801,7 @@ class Image:
                         and mode & S_IFMT == S_IFREG
                         and icount
                         and end <= size
-                        # the chunk checks of _check_inode
+                        # the chunk checks of check_inode
                         and chunk_format <= fmt.EROFS_CHUNK_FORMAT_BLKBITS_MASK
                         and end - (-fsize >> (fmt.BLOCK_BITS + chunk_format)) * 4 <= size
                     ):
@@ -797,7 +814,7 @@ class Image:
                             if ok and ref:
                                 shared = externals.get(ref)
                                 if shared is None:
-                                    shared = self._shared_external(nid, ref)
+                                    shared = self.shared_external(nid, ref)
                                     if shared is None:
                                         ok = False  # _fast_node tells what it is
                                     else:
@@ -807,9 +824,9 @@ class Image:
                                     if refs:
                                         payload = shared[1]
                             if ok:
-                                # _spend, inline; the careful path reports running out
-                                self._budget -= end - off - 32
-                                if self._budget < 0:
+                                # spend, inline; the careful path reports running out
+                                self.budget -= end - off - 32
+                                if self.budget < 0:
                                     raise _Declined
                                 key = (mode, nlink, uid, gid, build_time, build_nsec)
                                 mid = mids.get(key, b"")
@@ -828,7 +845,7 @@ class Image:
                                 continue
                 fields = fast_node(nid, mids)
                 if fields is None:
-                    loaded = self._tree_node(nid)  # any other inode, the careful way
+                    loaded = self.tree_node(nid)  # any other inode, the careful way
                     if loaded is None:
                         continue  # a real whiteout: a root stub
                     node, descend = loaded
@@ -851,7 +868,7 @@ class Image:
                 stack.pop()
         return [b"".join(out)]
 
-    def _shared_external(self, nid: int, refs: bytes) -> tuple[bytes | None, bytes] | None:
+    def shared_external(self, nid: int, refs: bytes) -> tuple[bytes | None, bytes] | None:
         """(digest, payload) of an external file's shared xattrs, ``refs`` their raw 4-byte
         references: one metacopy, or a metacopy and a redirect (``b""`` for the payload
         when there is no redirect).  None for any other set."""
@@ -878,8 +895,8 @@ class Image:
         """For :meth:`_fast_dump`, the line pieces of :func:`dumpfile.node_fields` (and the
         ImageInode of a directory) straight from the image, for the inodes writers make
         most: external files, empty files, directories and symlinks without xattrs.  None for any
-        other inode, left to :meth:`_tree_node`.  The checks are those of
-        :meth:`_tree_node`, the work spent the same."""
+        other inode, left to :meth:`tree_node`.  The checks are those of
+        :meth:`tree_node`, the work spent the same."""
         data = self._data
         off = self.header.meta_offset + nid * 32
         if off + 64 > self.size:
@@ -904,11 +921,11 @@ class Image:
         ftype = mode & S_IFMT
         if ftype == S_IFREG:
             if layout == fmt.EROFS_INODE_CHUNK_BASED and icount:
-                self._check_inode(nid, mode, layout, size, i_u, end)
-                external = self._external_xattrs(nid, xattr_offset, end)
+                self.check_inode(nid, mode, layout, size, i_u, end)
+                external = self.external_xattrs(nid, xattr_offset, end)
                 if external is None:
                     return None
-                self._spend(end - xattr_offset, xattr_offset)
+                self.spend(end - xattr_offset, xattr_offset)
                 payload, digest = external
                 tail = _NO_DIGEST if digest is None else b" - %b\n" % digest.hex().encode()
                 payload = escape_optional(payload)
@@ -920,13 +937,13 @@ class Image:
             info = None
         elif ftype in _DIR_OR_LINK and not icount and layout != fmt.EROFS_INODE_CHUNK_BASED:
             if layout:
-                self._check_inode(nid, mode, layout, size, i_u, end)
+                self.check_inode(nid, mode, layout, size, i_u, end)
             info = ImageInode._make(
                 (nid, ino, mode, nlink, uid, gid, size, mtime, nsec, i_u, layout, 0, 0, end)
             )
             payload = b"-"
             if ftype == S_IFLNK:
-                self._spend(size, end)
+                self.spend(size, end)
                 payload = escape_optional(self.readlink(info))
                 info = None
             tail = _NO_DIGEST
@@ -948,8 +965,8 @@ class Image:
         names: list[bytes] = []
         nids: list[int] = []
         escaping = False
-        for off, length in self._dir_chunks(ino):
-            self._spend(length, off)
+        for off, length in self.dir_chunks(ino):
+            self.spend(length, off)
             block = data[off : off + length]
             first = block[8] | block[9] << 8 if length >= _DIRENT_SIZE else 0
             if first < _DIRENT_SIZE or first % _DIRENT_SIZE or first > length:
@@ -1024,7 +1041,7 @@ _REDIRECT_SUFFIX = b"overlay.redirect"
 # payload and zero padding (a payload printed as it is, without escapes; its length must
 # match); or two shared references, the metacopy and the redirect (files with the same
 # content).  Groups: inline digest, one reference, redirect size, payload, two references.
-_EXTERNAL_XATTRS = re.compile(
+EXTERNAL_XATTRS = re.compile(
     rb"....(?:\x00.{7}(?:%b|%b(.{32}))|\x01.{7}(....))%b(..)%b/([!-\[\]-~]+)\x00{0,3}"
     rb"|....\x02.{7}(.{8})"
     % (
