@@ -12,27 +12,23 @@ exception, unbounded recursion or memory use out of proportion to the image size
 metacopy digest the digest, escaped whiteouts become whiteouts again, and escaped
 ``trusted.overlay.overlay.*`` xattrs lose one level of escaping.  Unlike the reference it
 does not read past the end of a redirect value (its §5.4 quirk).
+
+:mod:`composefs.erofs.dumptext` prints ``composefs-info dump`` straight from an
+:class:`Image` without building a Tree, through these public helpers: ``data``, the work
+budget (``reset_budget``, ``spend``, ``budget``), ``check_inode``, ``dir_chunks``,
+``tree_node``, ``external_xattrs``, ``shared_external``, ``EXTERNAL_XATTRS`` and
+``LAYOUTS``.  This module does not import it.
 """
 
 from __future__ import annotations
 
-import functools
 import mmap
 import os
 import re
 import struct
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from operator import lt as _lt
 from typing import BinaryIO, NamedTuple
 
-from composefs.dumpfile import (
-    FIELD_SAFE,
-    escape,
-    escape_optional,
-    iter_lines,
-    node_fields,
-)
 from composefs.erofs import format as fmt
 from composefs.erofs.format import BLOCK_SIZE
 from composefs.errors import FormatError, UnsupportedVersionError
@@ -62,7 +58,8 @@ _EXTENDED = fmt.INODE_EXTENDED
 _XATTR_ENTRY = fmt.XATTR_ENTRY
 _U16 = struct.Struct("<H")
 _U32 = fmt.XATTR_SHARED_REF
-_LAYOUTS = frozenset(
+# the data layouts this reader supports (composefs.erofs.dumptext accepts the same)
+LAYOUTS = frozenset(
     {fmt.EROFS_INODE_FLAT_PLAIN, fmt.EROFS_INODE_FLAT_INLINE, fmt.EROFS_INODE_CHUNK_BASED}
 )
 _TRUSTED_PREFIX = b"trusted."
@@ -228,7 +225,7 @@ class Image:
         if i_format & ~fmt.EROFS_I_ALL:
             raise self._error(f"inode {nid}: unknown format bits {i_format:#x}", offset)
         layout = (i_format >> fmt.EROFS_I_DATALAYOUT_BIT) & fmt.EROFS_I_DATALAYOUT_MASK
-        if layout not in _LAYOUTS:
+        if layout not in LAYOUTS:
             raise self._error(f"inode {nid}: unsupported data layout {layout}", offset)
         if i_format & fmt.EROFS_I_VERSION_MASK:
             if offset + _EXTENDED.size > self.size:
@@ -594,13 +591,13 @@ class Image:
         i_format = data[offset] | data[offset + 1] << 8
         layout = i_format >> 1
         if i_format & 1:
-            if offset + 64 > self.size or i_format & ~fmt.EROFS_I_ALL or layout not in _LAYOUTS:
+            if offset + 64 > self.size or i_format & ~fmt.EROFS_I_ALL or layout not in LAYOUTS:
                 return self._tree_node_slow(nid)
             (_f, icount, mode, _r, size, i_u, _ino, uid, gid, mtime, mtime_nsec,
              nlink) = _EXTENDED.unpack_from(data, offset)  # fmt: skip
             tail_offset = offset + 64
         else:
-            if i_format & ~fmt.EROFS_I_ALL or layout not in _LAYOUTS:
+            if i_format & ~fmt.EROFS_I_ALL or layout not in LAYOUTS:
                 return self._tree_node_slow(nid)
             (_f, icount, mode, nlink, size, _r, i_u, _ino, uid, gid,
              _r2) = _COMPACT.unpack_from(data, offset)  # fmt: skip
@@ -707,167 +704,6 @@ class Image:
         digest = metacopy[4:] if len(metacopy) == fmt.METACOPY_SIZE else None
         return redirect[1:], digest
 
-    def _shared_xattr(self, nid: int, idx: int) -> tuple[bytes, bytes]:
-        """Shared xattr entry ``idx`` (decoded once: many inodes refer to one entry)."""
-        pair = self._shared.get(idx)
-        if pair is None:
-            key, value, _size = self._xattr_entry(
-                nid, self.header.xattr_offset + 4 * idx, self.size
-            )
-            pair = self._shared[idx] = (key, value)
-        return pair
-
-    def _tree_node_slow(self, nid: int) -> tuple[Inode, ImageInode | None] | None:
-        ino = self.inode(nid)  # raises the precise error
-        raise self._error(f"inode {nid}: unreadable", ino.tail_offset)  # pragma: no cover
-
-    def _tree_entries(self, ino: ImageInode) -> Iterator[tuple[bytes, int, int]]:
-        for off, length in self.dir_chunks(ino):
-            self.spend(length, off)
-            for name, nid, _ftype in self._chunk_entries(ino.nid, off, length):
-                if name != b"." and name != b"..":
-                    yield name, nid, off
-
-    # -- dump text without a Tree ----------------------------------------------------------------
-
-    def dump_text(self, *, filter: Iterable[bytes] | None = None) -> Iterable[bytes]:
-        """The composefs-dump(5) text of the image: the same bytes as
-        ``dumpfile.iter_lines(self.to_tree(filter=filter))``, and the same errors.
-
-        A fast path prints straight from the image, without a Tree, when the image is as
-        writers make it: every directory's entries in strictly increasing name order (so
-        the on-disk depth-first order that decides which name of an inode is its home is
-        also the dump's name order), no directory reached twice, output in proportion to
-        the image.  It buffers its output; on anything else, errors included, it gives up
-        and the careful path (a Tree, then its dump) runs from the start: it then prints the
-        same text, or raises the precise error.
-        """
-        try:
-            return self._fast_dump(None if filter is None else set(filter))
-        except (_Declined, FormatError):
-            pass
-        return iter_lines(self.to_tree(filter=filter))
-
-    def _fast_dump(self, wanted: set[bytes] | None) -> list[bytes]:
-        root_ino = self.root
-        if root_ino.mode & S_IFMT != S_IFDIR:
-            raise _Declined
-        self.budget = 2 * self.size  # the same work budget as to_tree, spent the same way
-        # What the output may hold beyond what the budget bounds: every line repeats its
-        # directory's path, which a deep image could make quadratic; the careful path
-        # streams its output instead.
-        path_budget = 8 * self.size + (1 << 20)
-        fast_node = self._fast_node
-        data = self._data
-        size = self.size
-        meta = self.header.meta_offset
-        build_time = self.header.build_time
-        build_nsec = self.header.build_time_nsec
-        unpack = _COMPACT.unpack_from
-        match_external = EXTERNAL_XATTRS.fullmatch
-        # shared_external of each set of shared references met
-        externals: dict[bytes, tuple[bytes | None, bytes]] = {}
-        # "MODE NLINK UID GID RDEV MTIME " is shared by most files of an image
-        mids: dict[tuple[int, int, int, int, int, int], bytes] = {}
-        out: list[bytes] = [b"/", *node_fields(self.to_inode(root_ino))]
-        # nid -> pieces of the line of its first name, for hardlink lines; () for directories
-        seen: dict[int, tuple[bytes, ...]] = {root_ino.nid: ()}
-        seen_get = seen.get
-        # directories being listed: (escaped path with a trailing "/", entries left)
-        names, nids = self._fast_listing(root_ino, wanted)
-        stack = [(b"/", zip(names, nids, strict=True))]
-        while stack:
-            prefix, entries = stack[-1]
-            for name, nid in entries:
-                first = seen_get(nid)
-                if first is not None:
-                    if not first:
-                        raise _Declined  # a directory met again: a cycle or a hardlink
-                    # a later name of an inode: the hardlink line
-                    _p, _n, head, mid, tail = first
-                    out += (prefix, name, head, b"@", mid, _p + _n, tail)
-                    continue
-                # Most entries of an image are external files: a compact chunk-based inode
-                # whose xattr area EXTERNAL_XATTRS matches.  They are decoded right here;
-                # any other inode, or one that fails a check, goes to _fast_node.
-                off = meta + nid * 32
-                if off + 64 <= size:
-                    (i_format, icount, mode, nlink, fsize, _r, i_u, _i, uid, gid,
-                     _r2) = unpack(data, off)  # fmt: skip
-                    end = off + 40 + icount * 4
-                    chunk_format = i_u & 0xFFFF
-                    if (
-                        i_format == _COMPACT_CHUNK_BASED
-                        and mode & S_IFMT == S_IFREG
-                        and icount
-                        and end <= size
-                        # the chunk checks of check_inode
-                        and chunk_format <= fmt.EROFS_CHUNK_FORMAT_BLKBITS_MASK
-                        and end - (-fsize >> (fmt.BLOCK_BITS + chunk_format)) * 4 <= size
-                    ):
-                        m = match_external(data, off + 32, end)
-                        if m is not None:
-                            digest: bytes | None
-                            digest, ref, rsize, payload, refs = m.groups()
-                            ok = rsize is None or len(payload) + 1 == rsize[0] | rsize[1] << 8
-                            ref = ref or refs
-                            if ok and ref:
-                                shared = externals.get(ref)
-                                if shared is None:
-                                    shared = self.shared_external(nid, ref)
-                                    if shared is None:
-                                        ok = False  # _fast_node tells what it is
-                                    else:
-                                        externals[ref] = shared
-                                if shared is not None:
-                                    digest = shared[0]
-                                    if refs:
-                                        payload = shared[1]
-                            if ok:
-                                # spend, inline; the careful path reports running out
-                                self.budget -= end - off - 32
-                                if self.budget < 0:
-                                    raise _Declined
-                                key = (mode, nlink, uid, gid, build_time, build_nsec)
-                                mid = mids.get(key, b"")
-                                if not mid:
-                                    mid = mids[key] = b"%o %d %d %d 0 %d.%d " % key
-                                head = b" %d " % fsize
-                                tail = (
-                                    _NO_DIGEST
-                                    if digest is None
-                                    else b" - %b\n" % digest.hex().encode()
-                                )
-                                seen[nid] = (prefix, name, head, mid, tail)
-                                if refs or payload == b"-":  # else it needs no escapes
-                                    payload = escape_optional(payload)
-                                out += (prefix, name, head, mid, payload, tail)
-                                continue
-                fields = fast_node(nid, mids)
-                if fields is None:
-                    loaded = self.tree_node(nid)  # any other inode, the careful way
-                    if loaded is None:
-                        continue  # a real whiteout: a root stub
-                    node, descend = loaded
-                    head, mid, payload, tail = node_fields(node)
-                else:
-                    head, mid, payload, tail, descend = fields
-                out += (prefix, name, head, mid, payload, tail)
-                if descend is None:
-                    seen[nid] = (prefix, name, head, mid, tail)
-                    continue
-                seen[nid] = ()
-                path = prefix + name + b"/"
-                names, nids = self._fast_listing(descend, None)
-                path_budget -= len(path) * len(names)
-                if path_budget < 0:
-                    raise _Declined
-                stack.append((path, zip(names, nids, strict=True)))
-                break
-            else:
-                stack.pop()
-        return [b"".join(out)]
-
     def shared_external(self, nid: int, refs: bytes) -> tuple[bytes | None, bytes] | None:
         """(digest, payload) of an external file's shared xattrs, ``refs`` their raw 4-byte
         references: one metacopy, or a metacopy and a redirect (``b""`` for the payload
@@ -889,142 +725,26 @@ class Image:
             return None
         return digest, payload or b""
 
-    def _fast_node(
-        self, nid: int, mids: dict[tuple[int, int, int, int, int, int], bytes]
-    ) -> tuple[bytes, bytes, bytes, bytes, ImageInode | None] | None:
-        """For :meth:`_fast_dump`, the line pieces of :func:`dumpfile.node_fields` (and the
-        ImageInode of a directory) straight from the image, for the inodes writers make
-        most: external files, empty files, directories and symlinks without xattrs.  None for any
-        other inode, left to :meth:`tree_node`.  The checks are those of
-        :meth:`tree_node`, the work spent the same."""
-        data = self._data
-        off = self.header.meta_offset + nid * 32
-        if off + 64 > self.size:
-            return None
-        i_format = data[off] | data[off + 1] << 8
-        if i_format not in _FAST_FORMATS:
-            return None
-        if i_format & 1:
-            (_f, icount, mode, _r, size, i_u, ino, uid, gid, mtime, nsec,
-             nlink) = _EXTENDED.unpack_from(data, off)  # fmt: skip
-            xattr_offset = off + 64
-        else:
-            (_f, icount, mode, nlink, size, _r, i_u, ino, uid, gid,
-             _r2) = _COMPACT.unpack_from(data, off)  # fmt: skip
-            mtime = self.header.build_time
-            nsec = self.header.build_time_nsec
-            xattr_offset = off + 32
-        end = xattr_offset + 8 + icount * 4 if icount else xattr_offset
-        if end > self.size:
-            return None
-        layout = i_format >> 1
-        ftype = mode & S_IFMT
-        if ftype == S_IFREG:
-            if layout == fmt.EROFS_INODE_CHUNK_BASED and icount:
-                self.check_inode(nid, mode, layout, size, i_u, end)
-                external = self.external_xattrs(nid, xattr_offset, end)
-                if external is None:
-                    return None
-                self.spend(end - xattr_offset, xattr_offset)
-                payload, digest = external
-                tail = _NO_DIGEST if digest is None else b" - %b\n" % digest.hex().encode()
-                payload = escape_optional(payload)
-            elif not size and not icount:
-                payload = b"-"
-                tail = _NO_DIGEST
-            else:
-                return None
-            info = None
-        elif ftype in _DIR_OR_LINK and not icount and layout != fmt.EROFS_INODE_CHUNK_BASED:
-            if layout:
-                self.check_inode(nid, mode, layout, size, i_u, end)
-            info = ImageInode._make(
-                (nid, ino, mode, nlink, uid, gid, size, mtime, nsec, i_u, layout, 0, 0, end)
+    def _shared_xattr(self, nid: int, idx: int) -> tuple[bytes, bytes]:
+        """Shared xattr entry ``idx`` (decoded once: many inodes refer to one entry)."""
+        pair = self._shared.get(idx)
+        if pair is None:
+            key, value, _size = self._xattr_entry(
+                nid, self.header.xattr_offset + 4 * idx, self.size
             )
-            payload = b"-"
-            if ftype == S_IFLNK:
-                self.spend(size, end)
-                payload = escape_optional(self.readlink(info))
-                info = None
-            tail = _NO_DIGEST
-        else:
-            return None
-        key = (mode, nlink, uid, gid, mtime, nsec)
-        mid = mids.get(key)
-        if mid is None:
-            mid = mids[key] = b"%o %d %d %d 0 %d.%d " % key
-        return b" %d " % size, mid, payload, tail, info
+            pair = self._shared[idx] = (key, value)
+        return pair
 
-    def _fast_listing(
-        self, ino: ImageInode, wanted: set[bytes] | None
-    ) -> tuple[list[bytes], list[int]]:
-        """Escaped names and nids of a directory's entries but ``.`` and ``..``, for
-        :meth:`_fast_dump`: the checks of :meth:`_chunk_entries` on whole chunks at once,
-        and the names must be in strictly increasing order."""
-        data = self._data
-        names: list[bytes] = []
-        nids: list[int] = []
-        escaping = False
+    def _tree_node_slow(self, nid: int) -> tuple[Inode, ImageInode | None] | None:
+        ino = self.inode(nid)  # raises the precise error
+        raise self._error(f"inode {nid}: unreadable", ino.tail_offset)  # pragma: no cover
+
+    def _tree_entries(self, ino: ImageInode) -> Iterator[tuple[bytes, int, int]]:
         for off, length in self.dir_chunks(ino):
             self.spend(length, off)
-            block = data[off : off + length]
-            first = block[8] | block[9] << 8 if length >= _DIRENT_SIZE else 0
-            if first < _DIRENT_SIZE or first % _DIRENT_SIZE or first > length:
-                raise _Declined
-            records = _dirents(first // _DIRENT_SIZE).unpack_from(block)
-            starts = records[1::2]
-            chunk_names = [block[a:b] for a, b in zip(starts, (*starts[1:], length), strict=True)]
-            # no name is empty iff the offsets increase and stay inside the chunk
-            if not all(chunk_names):
-                raise _Declined
-            last = chunk_names[-1]
-            nul = last.find(b"\0")
-            if nul >= 0:
-                chunk_names[-1] = last = last[:nul]
-            # all the names, one after the other
-            text = block[first : starts[-1] + len(last)]
-            if not last or _SLASH in text or _NUL in text:
-                raise _Declined
-            if len(text) > NAME_MAX and max(map(len, chunk_names)) > NAME_MAX:
-                raise _Declined
-            escaping = escaping or bool(text.translate(None, FIELD_SAFE))
-            names += chunk_names
-            nids += records[::2]
-        if not all(map(_lt, names, names[1:])):
-            raise _Declined
-        # sorted, so at most one of each: first, unless some name sorts before "."
-        if names[:2] == _DOTS:
-            del names[:2], nids[:2]
-        else:
-            for dot in _DOTS:
-                i = bisect_left(names, dot)
-                if i < len(names) and names[i] == dot:
-                    del names[i], nids[i]
-        if wanted is not None:
-            kept = [i for i, name in enumerate(names) if name in wanted]
-            names = [names[i] for i in kept]
-            nids = [nids[i] for i in kept]
-        if escaping:
-            names = [escape(name) for name in names]
-        return names, nids
-
-
-_COMPACT_CHUNK_BASED = fmt.EROFS_INODE_CHUNK_BASED << fmt.EROFS_I_DATALAYOUT_BIT
-_DIR_OR_LINK = (S_IFDIR, S_IFLNK)
-_DOTS = [b".", b".."]
-_NO_DIGEST = b" - -\n"  # the end of a line without CONTENT, DIGEST and xattrs
-# i_format of the inodes _fast_node decodes: compact or extended, any data layout
-_FAST_FORMATS = frozenset(v << 1 | e for v in _LAYOUTS for e in (0, 1))
-
-
-class _Declined(Exception):
-    """Internal: :meth:`Image._fast_dump` leaves this image to the careful path."""
-
-
-@functools.cache
-def _dirents(count: int) -> struct.Struct:
-    """(nid, name offset) of ``count`` directory records, the file types skipped."""
-    return struct.Struct("<" + "QH2x" * count)
+            for name, nid, _ftype in self._chunk_entries(ino.nid, off, length):
+                if name != b"." and name != b"..":
+                    yield name, nid, off
 
 
 _METACOPY_ENTRY = _XATTR_ENTRY.pack(16, fmt.EROFS_XATTR_INDEX_TRUSTED, 0) + b"overlay.metacopy"
