@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable, Iterator
 
 from composefs.dumpfile import escape, escape_match, iter_lines
+from composefs.erofs.dumptext import dump_text
 from composefs.erofs.reader import Image
 from composefs.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Tree
 
@@ -52,8 +53,8 @@ def dump_lines(tree: Tree) -> Iterator[bytes]:
 
 def dump_image(image: Image, filter: Iterable[bytes] | None = None) -> Iterable[bytes]:
     """``composefs-info dump`` of an image: ``dump_lines(image.to_tree(filter=filter))``,
-    read straight from the image when it can (:meth:`Image.dump_text`)."""
-    return image.dump_text(filter=filter)
+    read straight from the image when it can (:func:`dumptext.dump_text`)."""
+    return dump_text(image, filter=filter)
 
 
 def object_paths(tree: Tree) -> set[bytes]:

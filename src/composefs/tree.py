@@ -180,7 +180,8 @@ class Inode:
         Names are 1..255 bytes without NUL, values at most 65535 bytes, and all xattrs of
         one inode together stay within ``XATTR_BUDGET``.
         """
-        if not name or len(name) > XATTR_NAME_MAX or b"\0" in name:
+        # an int operand: a bytes one makes `in` try it as an int first and clear a TypeError
+        if not name or len(name) > XATTR_NAME_MAX or 0 in name:
             raise XattrError(f"invalid xattr name {name!r}")
         if len(value) > XATTR_VALUE_MAX:
             raise XattrError(f"xattr value of {len(value)} bytes is too long", err=errno.EINVAL)
@@ -196,7 +197,7 @@ class Inode:
 
 
 def check_name(name: bytes) -> None:
-    if not name or len(name) > NAME_MAX or b"/" in name or b"\0" in name or name in (b".", b".."):
+    if not name or len(name) > NAME_MAX or 0x2F in name or 0 in name or name in (b".", b".."):
         raise TreeError(errno.EINVAL, f"invalid file name {name!r}")
 
 

@@ -12,27 +12,23 @@ exception, unbounded recursion or memory use out of proportion to the image size
 metacopy digest the digest, escaped whiteouts become whiteouts again, and escaped
 ``trusted.overlay.overlay.*`` xattrs lose one level of escaping.  Unlike the reference it
 does not read past the end of a redirect value (its §5.4 quirk).
+
+:mod:`composefs.erofs.dumptext` prints ``composefs-info dump`` straight from an
+:class:`Image` without building a Tree, through these public helpers: ``data``, the work
+budget (``reset_budget``, ``spend``, ``budget``), ``check_inode``, ``dir_chunks``,
+``tree_node``, ``external_xattrs``, ``shared_external``, ``EXTERNAL_XATTRS`` and
+``LAYOUTS``.  This module does not import it.
 """
 
 from __future__ import annotations
 
-import functools
 import mmap
 import os
 import re
 import struct
-from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from operator import lt as _lt
 from typing import BinaryIO, NamedTuple
 
-from composefs.dumpfile import (
-    FIELD_SAFE,
-    escape,
-    escape_optional,
-    iter_lines,
-    node_fields,
-)
 from composefs.erofs import format as fmt
 from composefs.erofs.format import BLOCK_SIZE
 from composefs.errors import FormatError, UnsupportedVersionError
@@ -62,7 +58,8 @@ _EXTENDED = fmt.INODE_EXTENDED
 _XATTR_ENTRY = fmt.XATTR_ENTRY
 _U16 = struct.Struct("<H")
 _U32 = fmt.XATTR_SHARED_REF
-_LAYOUTS = frozenset(
+# the data layouts this reader supports (composefs.erofs.dumptext accepts the same)
+LAYOUTS = frozenset(
     {fmt.EROFS_INODE_FLAT_PLAIN, fmt.EROFS_INODE_FLAT_INLINE, fmt.EROFS_INODE_CHUNK_BASED}
 )
 _TRUSTED_PREFIX = b"trusted."
@@ -149,6 +146,7 @@ class Image:
         self.header = self._read_header()
         # shared xattr entries by index: many inodes refer to one entry, decode it once
         self._shared: dict[int, tuple[bytes, bytes]] = {}
+        self.reset_budget()
 
     def _map(self, fd: int) -> bytes | mmap.mmap:
         size = os.fstat(fd).st_size
@@ -167,6 +165,12 @@ class Image:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def data(self) -> bytes | mmap.mmap:
+        """The image's bytes, for code that decodes its structures itself
+        (:mod:`composefs.erofs.dumptext`): it must check every offset against ``size``."""
+        return self._data
 
     # -- low level -------------------------------------------------------------------------
 
@@ -221,7 +225,7 @@ class Image:
         if i_format & ~fmt.EROFS_I_ALL:
             raise self._error(f"inode {nid}: unknown format bits {i_format:#x}", offset)
         layout = (i_format >> fmt.EROFS_I_DATALAYOUT_BIT) & fmt.EROFS_I_DATALAYOUT_MASK
-        if layout not in _LAYOUTS:
+        if layout not in LAYOUTS:
             raise self._error(f"inode {nid}: unsupported data layout {layout}", offset)
         if i_format & fmt.EROFS_I_VERSION_MASK:
             if offset + _EXTENDED.size > self.size:
@@ -243,13 +247,13 @@ class Image:
         tail_offset = offset + isize + xattr_size
         if tail_offset > self.size:
             raise self._error(f"inode {nid}: xattrs run past the end of the image", offset)
-        self._check_inode(nid, mode, layout, size, i_u, tail_offset)
+        self.check_inode(nid, mode, layout, size, i_u, tail_offset)
         return ImageInode(
             nid, ino, mode, nlink, uid, gid, size, mtime, mtime_nsec, i_u, layout,
             xattr_offset, xattr_size, tail_offset,
         )  # fmt: skip
 
-    def _check_inode(
+    def check_inode(
         self, nid: int, mode: int, layout: int, size: int, i_u: int, tail_offset: int
     ) -> None:
         """What every inode must satisfy before anything else is read through it."""
@@ -323,7 +327,7 @@ class Image:
 
     # -- directories ---------------------------------------------------------------------------
 
-    def _dir_chunks(self, ino: ImageInode) -> list[tuple[int, int]]:
+    def dir_chunks(self, ino: ImageInode) -> list[tuple[int, int]]:
         """(offset, length) of each directory chunk: the blocks, then the inline tail."""
         start, in_blocks, tail = self._flat_parts(ino)
         end = start + in_blocks  # inside the image: at most one entry per block of it
@@ -364,7 +368,7 @@ class Image:
         """(name, nid, EROFS file type) of every entry of a directory, ``.`` and ``..`` too."""
         if ino.mode & S_IFMT != S_IFDIR:
             raise self._error(f"inode {ino.nid} is not a directory")
-        for off, length in self._dir_chunks(ino):
+        for off, length in self.dir_chunks(ino):
             yield from self._chunk_entries(ino.nid, off, length)
 
     def lookup(self, path: bytes | str) -> ImageInode | None:
@@ -390,7 +394,7 @@ class Image:
 
     def _find(self, ino: ImageInode, name: bytes) -> int | None:
         data = self._data
-        for off, length in self._dir_chunks(ino):
+        for off, length in self.dir_chunks(ino):
             if length < _DIRENT.size:
                 raise self._error(f"directory {ino.nid}: truncated entry block", off)
             first = _U16.unpack_from(data, off + 8)[0]
@@ -486,7 +490,7 @@ class Image:
             raise self._error(f"inode {nid}: xattr entry overflows its area", pos)
         data = self._data
         key = prefix + data[name_start:value_start]
-        if not key or b"\0" in key:
+        if not key or _NUL in key:
             raise self._error(f"inode {nid}: invalid xattr name {key!r}", name_start)
         size = (_XATTR_ENTRY.size + name_len + value_size + 3) & ~3
         return key, bytes(data[value_start:value_end]), size
@@ -525,10 +529,7 @@ class Image:
         if root_ino.mode & S_IFMT != S_IFDIR:
             raise self._error(f"the root inode {root_ino.nid} is not a directory")
         wanted = None if filter is None else set(filter)
-        # Everything materialised is bounded by the image: in a valid image each byte of
-        # directory data, inline xattrs and inline content belongs to one inode, so needing
-        # more than that means overlapping structures built to multiply the work.
-        self._budget = 2 * self.size
+        self.reset_budget()
         root = self.to_inode(root_ino)
         tree = Tree(root)
         seen: dict[int, Inode] = {root_ino.nid: root}
@@ -541,7 +542,7 @@ class Image:
                 child = seen.get(nid)
                 descend = None
                 if child is None:
-                    loaded = self._tree_node(nid)
+                    loaded = self.tree_node(nid)
                     if loaded is None:
                         continue  # a real whiteout: a root stub
                     child, descend = loaded
@@ -561,14 +562,27 @@ class Image:
                 stack.pop()
         return tree
 
-    def _spend(self, amount: int, where: int) -> None:
-        self._budget -= amount
-        if self._budget < 0:
+    # -- the work budget of a whole-image walk ---------------------------------------------------
+
+    def reset_budget(self) -> None:
+        """Start a whole-image walk (:meth:`to_tree`, :mod:`composefs.erofs.dumptext`).
+
+        Everything materialised is bounded by the image: in a valid image each byte of
+        directory data, inline xattrs and inline content belongs to one inode, so needing
+        more than that means overlapping structures built to multiply the work.
+        """
+        self.budget = 2 * self.size
+
+    def spend(self, amount: int, where: int) -> None:
+        """Take ``amount`` from :attr:`budget`; FormatError (at ``where``) when it runs out."""
+        self.budget -= amount
+        if self.budget < 0:
             raise self._error("image structures overlap (more data than the image holds)", where)
 
-    def _tree_node(self, nid: int) -> tuple[Inode, ImageInode | None] | None:
+    def tree_node(self, nid: int) -> tuple[Inode, ImageInode | None] | None:
         """The model inode for ``nid`` (and, for a directory, its ImageInode), or None for a
-        root stub.  :meth:`inode` and :meth:`to_inode` fused for speed in :meth:`to_tree`."""
+        root stub.  :meth:`inode` and :meth:`to_inode` fused for speed in :meth:`to_tree`;
+        spends from the budget as :meth:`to_tree` does."""
         data = self._data
         header = self.header
         offset = header.meta_offset + nid * 32
@@ -577,13 +591,13 @@ class Image:
         i_format = data[offset] | data[offset + 1] << 8
         layout = i_format >> 1
         if i_format & 1:
-            if offset + 64 > self.size or i_format & ~fmt.EROFS_I_ALL or layout not in _LAYOUTS:
+            if offset + 64 > self.size or i_format & ~fmt.EROFS_I_ALL or layout not in LAYOUTS:
                 return self._tree_node_slow(nid)
             (_f, icount, mode, _r, size, i_u, _ino, uid, gid, mtime, mtime_nsec,
              nlink) = _EXTENDED.unpack_from(data, offset)  # fmt: skip
             tail_offset = offset + 64
         else:
-            if i_format & ~fmt.EROFS_I_ALL or layout not in _LAYOUTS:
+            if i_format & ~fmt.EROFS_I_ALL or layout not in LAYOUTS:
                 return self._tree_node_slow(nid)
             (_f, icount, mode, nlink, size, _r, i_u, _ino, uid, gid,
              _r2) = _COMPACT.unpack_from(data, offset)  # fmt: skip
@@ -597,7 +611,7 @@ class Image:
             if tail_offset > self.size:
                 return self._tree_node_slow(nid)
         if layout or ftype not in FILE_TYPES:
-            self._check_inode(nid, mode, layout, size, i_u, tail_offset)
+            self.check_inode(nid, mode, layout, size, i_u, tail_offset)
         if ftype in (S_IFCHR, S_IFBLK):
             if i_u == 0 and ftype == S_IFCHR:
                 return None
@@ -612,19 +626,19 @@ class Image:
                 xattr_offset if icount else 0, tail_offset - xattr_offset, tail_offset,
             )  # fmt: skip
             if ftype == S_IFLNK:
-                self._spend(size, tail_offset)
+                self.spend(size, tail_offset)
                 node.payload = self.readlink(info)
                 info = None
             elif ftype == S_IFREG:
-                self._spend(size, tail_offset)
+                self.spend(size, tail_offset)
                 node.content = self.read_data(info, min(INLINE_CONTENT_MAX, self.size))
                 info = None
             elif layout == fmt.EROFS_INODE_CHUNK_BASED:
                 raise self._error(f"directory {nid} has a chunk-based layout", tail_offset)
         if icount:
-            self._spend(tail_offset - xattr_offset, xattr_offset)
+            self.spend(tail_offset - xattr_offset, xattr_offset)
             external = (
-                self._external_xattrs(nid, xattr_offset, tail_offset) if ftype == S_IFREG else None
+                self.external_xattrs(nid, xattr_offset, tail_offset) if ftype == S_IFREG else None
             )
             if external is not None:
                 node.payload, node.digest = external
@@ -634,19 +648,19 @@ class Image:
                 )
         return node, info
 
-    def _external_xattrs(self, nid: int, start: int, end: int) -> tuple[bytes, bytes | None] | None:
+    def external_xattrs(self, nid: int, start: int, end: int) -> tuple[bytes, bytes | None] | None:
         """Fast path for the xattr area the writer gives an external file: its metacopy
         and its redirect, each inline or a shared reference (several files with the same
         content share both), nothing else.  Returns (payload, digest), or None for any
         other area, which the careful path then reads."""
         data = self._data
-        m = _EXTERNAL_XATTRS.fullmatch(data, start, end)
+        m = EXTERNAL_XATTRS.fullmatch(data, start, end)
         if m is not None:  # the common forms, in one step
             digest, ref, size, value, refs = m.groups()
             if refs is None and len(value) + 1 != size[0] | size[1] << 8:
                 return None
             if ref or refs:
-                shared = self._shared_external(nid, ref or refs)
+                shared = self.shared_external(nid, ref or refs)
                 if shared is None:
                     return None
                 digest = shared[0]
@@ -685,10 +699,31 @@ class Image:
             size = data[p + 2] | data[p + 3] << 8
             redirect = data[p + 20 : p + 20 + size]
             p = (p + 20 + size + 3) & ~3
-        if p != end or len(redirect) < 2 or redirect[0] != 0x2F or b"\0" in redirect:  # "/"
+        if p != end or len(redirect) < 2 or redirect[0] != _SLASH or _NUL in redirect:
             return None
         digest = metacopy[4:] if len(metacopy) == fmt.METACOPY_SIZE else None
         return redirect[1:], digest
+
+    def shared_external(self, nid: int, refs: bytes) -> tuple[bytes | None, bytes] | None:
+        """(digest, payload) of an external file's shared xattrs, ``refs`` their raw 4-byte
+        references: one metacopy, or a metacopy and a redirect (``b""`` for the payload
+        when there is no redirect).  None for any other set."""
+        digest = payload = None
+        metacopy = False
+        for i in range(0, len(refs), 4):
+            key, value = self._shared_xattr(nid, int.from_bytes(refs[i : i + 4], "little"))
+            if key == fmt.OVERLAY_METACOPY and not metacopy:
+                metacopy = True
+                digest = value[4:] if len(value) == fmt.METACOPY_SIZE else None
+            elif key == fmt.OVERLAY_REDIRECT and payload is None:
+                if len(value) < 2 or value[0] != _SLASH or _NUL in value:
+                    return None
+                payload = value[1:]
+            else:
+                return None
+        if not metacopy or (payload is None) != (len(refs) == 4):
+            return None
+        return digest, payload or b""
 
     def _shared_xattr(self, nid: int, idx: int) -> tuple[bytes, bytes]:
         """Shared xattr entry ``idx`` (decoded once: many inodes refer to one entry)."""
@@ -705,309 +740,11 @@ class Image:
         raise self._error(f"inode {nid}: unreadable", ino.tail_offset)  # pragma: no cover
 
     def _tree_entries(self, ino: ImageInode) -> Iterator[tuple[bytes, int, int]]:
-        for off, length in self._dir_chunks(ino):
-            self._spend(length, off)
+        for off, length in self.dir_chunks(ino):
+            self.spend(length, off)
             for name, nid, _ftype in self._chunk_entries(ino.nid, off, length):
                 if name != b"." and name != b"..":
                     yield name, nid, off
-
-    # -- dump text without a Tree ----------------------------------------------------------------
-
-    def dump_text(self, *, filter: Iterable[bytes] | None = None) -> Iterable[bytes]:
-        """The composefs-dump(5) text of the image: the same bytes as
-        ``dumpfile.iter_lines(self.to_tree(filter=filter))``, and the same errors.
-
-        A fast path prints straight from the image, without a Tree, when the image is as
-        writers make it: every directory's entries in strictly increasing name order (so
-        the on-disk depth-first order that decides which name of an inode is its home is
-        also the dump's name order), no directory reached twice, output in proportion to
-        the image.  It buffers its output; on anything else, errors included, it gives up
-        and the careful path (a Tree, then its dump) runs from the start: it then prints the
-        same text, or raises the precise error.
-        """
-        try:
-            return self._fast_dump(None if filter is None else set(filter))
-        except (_Declined, FormatError):
-            pass
-        return iter_lines(self.to_tree(filter=filter))
-
-    def _fast_dump(self, wanted: set[bytes] | None) -> list[bytes]:
-        root_ino = self.root
-        if root_ino.mode & S_IFMT != S_IFDIR:
-            raise _Declined
-        self._budget = 2 * self.size  # the same work budget as to_tree, spent the same way
-        # What the output may hold beyond what the budget bounds: every line repeats its
-        # directory's path, which a deep image could make quadratic; the careful path
-        # streams its output instead.
-        path_budget = 8 * self.size + (1 << 20)
-        fast_node = self._fast_node
-        data = self._data
-        size = self.size
-        meta = self.header.meta_offset
-        build_time = self.header.build_time
-        build_nsec = self.header.build_time_nsec
-        unpack = _COMPACT.unpack_from
-        match_external = _EXTERNAL_XATTRS.fullmatch
-        # _shared_external of each set of shared references met
-        externals: dict[bytes, tuple[bytes | None, bytes]] = {}
-        # "MODE NLINK UID GID RDEV MTIME " is shared by most files of an image
-        mids: dict[tuple[int, int, int, int, int, int], bytes] = {}
-        out: list[bytes] = [b"/", *node_fields(self.to_inode(root_ino))]
-        # nid -> pieces of the line of its first name, for hardlink lines; () for directories
-        seen: dict[int, tuple[bytes, ...]] = {root_ino.nid: ()}
-        seen_get = seen.get
-        # directories being listed: (escaped path with a trailing "/", entries left)
-        names, nids = self._fast_listing(root_ino, wanted)
-        stack = [(b"/", zip(names, nids, strict=True))]
-        while stack:
-            prefix, entries = stack[-1]
-            for name, nid in entries:
-                first = seen_get(nid)
-                if first is not None:
-                    if not first:
-                        raise _Declined  # a directory met again: a cycle or a hardlink
-                    # a later name of an inode: the hardlink line
-                    _p, _n, head, mid, tail = first
-                    out += (prefix, name, head, b"@", mid, _p + _n, tail)
-                    continue
-                # Most entries of an image are external files: a compact chunk-based inode
-                # whose xattr area _EXTERNAL_XATTRS matches.  They are decoded right here;
-                # any other inode, or one that fails a check, goes to _fast_node.
-                off = meta + nid * 32
-                if off + 64 <= size:
-                    (i_format, icount, mode, nlink, fsize, _r, i_u, _i, uid, gid,
-                     _r2) = unpack(data, off)  # fmt: skip
-                    end = off + 40 + icount * 4
-                    chunk_format = i_u & 0xFFFF
-                    if (
-                        i_format == _COMPACT_CHUNK_BASED
-                        and mode & S_IFMT == S_IFREG
-                        and icount
-                        and end <= size
-                        # the chunk checks of _check_inode
-                        and chunk_format <= fmt.EROFS_CHUNK_FORMAT_BLKBITS_MASK
-                        and end - (-fsize >> (fmt.BLOCK_BITS + chunk_format)) * 4 <= size
-                    ):
-                        m = match_external(data, off + 32, end)
-                        if m is not None:
-                            digest: bytes | None
-                            digest, ref, rsize, payload, refs = m.groups()
-                            ok = rsize is None or len(payload) + 1 == rsize[0] | rsize[1] << 8
-                            ref = ref or refs
-                            if ok and ref:
-                                shared = externals.get(ref)
-                                if shared is None:
-                                    shared = self._shared_external(nid, ref)
-                                    if shared is None:
-                                        ok = False  # _fast_node tells what it is
-                                    else:
-                                        externals[ref] = shared
-                                if shared is not None:
-                                    digest = shared[0]
-                                    if refs:
-                                        payload = shared[1]
-                            if ok:
-                                # _spend, inline; the careful path reports running out
-                                self._budget -= end - off - 32
-                                if self._budget < 0:
-                                    raise _Declined
-                                key = (mode, nlink, uid, gid, build_time, build_nsec)
-                                mid = mids.get(key, b"")
-                                if not mid:
-                                    mid = mids[key] = b"%o %d %d %d 0 %d.%d " % key
-                                head = b" %d " % fsize
-                                tail = (
-                                    _NO_DIGEST
-                                    if digest is None
-                                    else b" - %b\n" % digest.hex().encode()
-                                )
-                                seen[nid] = (prefix, name, head, mid, tail)
-                                if refs or payload == b"-":  # else it needs no escapes
-                                    payload = escape_optional(payload)
-                                out += (prefix, name, head, mid, payload, tail)
-                                continue
-                fields = fast_node(nid, mids)
-                if fields is None:
-                    loaded = self._tree_node(nid)  # any other inode, the careful way
-                    if loaded is None:
-                        continue  # a real whiteout: a root stub
-                    node, descend = loaded
-                    head, mid, payload, tail = node_fields(node)
-                else:
-                    head, mid, payload, tail, descend = fields
-                out += (prefix, name, head, mid, payload, tail)
-                if descend is None:
-                    seen[nid] = (prefix, name, head, mid, tail)
-                    continue
-                seen[nid] = ()
-                path = prefix + name + b"/"
-                names, nids = self._fast_listing(descend, None)
-                path_budget -= len(path) * len(names)
-                if path_budget < 0:
-                    raise _Declined
-                stack.append((path, zip(names, nids, strict=True)))
-                break
-            else:
-                stack.pop()
-        return [b"".join(out)]
-
-    def _shared_external(self, nid: int, refs: bytes) -> tuple[bytes | None, bytes] | None:
-        """(digest, payload) of an external file's shared xattrs, ``refs`` their raw 4-byte
-        references: one metacopy, or a metacopy and a redirect (``b""`` for the payload
-        when there is no redirect).  None for any other set."""
-        digest = payload = None
-        metacopy = False
-        for i in range(0, len(refs), 4):
-            key, value = self._shared_xattr(nid, int.from_bytes(refs[i : i + 4], "little"))
-            if key == fmt.OVERLAY_METACOPY and not metacopy:
-                metacopy = True
-                digest = value[4:] if len(value) == fmt.METACOPY_SIZE else None
-            elif key == fmt.OVERLAY_REDIRECT and payload is None:
-                if len(value) < 2 or value[0] != 0x2F or b"\0" in value:  # "/"
-                    return None
-                payload = value[1:]
-            else:
-                return None
-        if not metacopy or (payload is None) != (len(refs) == 4):
-            return None
-        return digest, payload or b""
-
-    def _fast_node(
-        self, nid: int, mids: dict[tuple[int, int, int, int, int, int], bytes]
-    ) -> tuple[bytes, bytes, bytes, bytes, ImageInode | None] | None:
-        """For :meth:`_fast_dump`, the line pieces of :func:`dumpfile.node_fields` (and the
-        ImageInode of a directory) straight from the image, for the inodes writers make
-        most: external files, empty files, directories and symlinks without xattrs.  None for any
-        other inode, left to :meth:`_tree_node`.  The checks are those of
-        :meth:`_tree_node`, the work spent the same."""
-        data = self._data
-        off = self.header.meta_offset + nid * 32
-        if off + 64 > self.size:
-            return None
-        i_format = data[off] | data[off + 1] << 8
-        if i_format not in _FAST_FORMATS:
-            return None
-        if i_format & 1:
-            (_f, icount, mode, _r, size, i_u, ino, uid, gid, mtime, nsec,
-             nlink) = _EXTENDED.unpack_from(data, off)  # fmt: skip
-            xattr_offset = off + 64
-        else:
-            (_f, icount, mode, nlink, size, _r, i_u, ino, uid, gid,
-             _r2) = _COMPACT.unpack_from(data, off)  # fmt: skip
-            mtime = self.header.build_time
-            nsec = self.header.build_time_nsec
-            xattr_offset = off + 32
-        end = xattr_offset + 8 + icount * 4 if icount else xattr_offset
-        if end > self.size:
-            return None
-        layout = i_format >> 1
-        ftype = mode & S_IFMT
-        if ftype == S_IFREG:
-            if layout == fmt.EROFS_INODE_CHUNK_BASED and icount:
-                self._check_inode(nid, mode, layout, size, i_u, end)
-                external = self._external_xattrs(nid, xattr_offset, end)
-                if external is None:
-                    return None
-                self._spend(end - xattr_offset, xattr_offset)
-                payload, digest = external
-                tail = _NO_DIGEST if digest is None else b" - %b\n" % digest.hex().encode()
-                payload = escape_optional(payload)
-            elif not size and not icount:
-                payload = b"-"
-                tail = _NO_DIGEST
-            else:
-                return None
-            info = None
-        elif ftype in _DIR_OR_LINK and not icount and layout != fmt.EROFS_INODE_CHUNK_BASED:
-            if layout:
-                self._check_inode(nid, mode, layout, size, i_u, end)
-            info = ImageInode._make(
-                (nid, ino, mode, nlink, uid, gid, size, mtime, nsec, i_u, layout, 0, 0, end)
-            )
-            payload = b"-"
-            if ftype == S_IFLNK:
-                self._spend(size, end)
-                payload = escape_optional(self.readlink(info))
-                info = None
-            tail = _NO_DIGEST
-        else:
-            return None
-        key = (mode, nlink, uid, gid, mtime, nsec)
-        mid = mids.get(key)
-        if mid is None:
-            mid = mids[key] = b"%o %d %d %d 0 %d.%d " % key
-        return b" %d " % size, mid, payload, tail, info
-
-    def _fast_listing(
-        self, ino: ImageInode, wanted: set[bytes] | None
-    ) -> tuple[list[bytes], list[int]]:
-        """Escaped names and nids of a directory's entries but ``.`` and ``..``, for
-        :meth:`_fast_dump`: the checks of :meth:`_chunk_entries` on whole chunks at once,
-        and the names must be in strictly increasing order."""
-        data = self._data
-        names: list[bytes] = []
-        nids: list[int] = []
-        escaping = False
-        for off, length in self._dir_chunks(ino):
-            self._spend(length, off)
-            block = data[off : off + length]
-            first = block[8] | block[9] << 8 if length >= _DIRENT_SIZE else 0
-            if first < _DIRENT_SIZE or first % _DIRENT_SIZE or first > length:
-                raise _Declined
-            records = _dirents(first // _DIRENT_SIZE).unpack_from(block)
-            starts = records[1::2]
-            chunk_names = [block[a:b] for a, b in zip(starts, (*starts[1:], length), strict=True)]
-            # no name is empty iff the offsets increase and stay inside the chunk
-            if not all(chunk_names):
-                raise _Declined
-            last = chunk_names[-1]
-            nul = last.find(b"\0")
-            if nul >= 0:
-                chunk_names[-1] = last = last[:nul]
-            # all the names, one after the other
-            text = block[first : starts[-1] + len(last)]
-            if not last or _SLASH in text or _NUL in text:
-                raise _Declined
-            if len(text) > NAME_MAX and max(map(len, chunk_names)) > NAME_MAX:
-                raise _Declined
-            escaping = escaping or bool(text.translate(None, FIELD_SAFE))
-            names += chunk_names
-            nids += records[::2]
-        if not all(map(_lt, names, names[1:])):
-            raise _Declined
-        # sorted, so at most one of each: first, unless some name sorts before "."
-        if names[:2] == _DOTS:
-            del names[:2], nids[:2]
-        else:
-            for dot in _DOTS:
-                i = bisect_left(names, dot)
-                if i < len(names) and names[i] == dot:
-                    del names[i], nids[i]
-        if wanted is not None:
-            kept = [i for i, name in enumerate(names) if name in wanted]
-            names = [names[i] for i in kept]
-            nids = [nids[i] for i in kept]
-        if escaping:
-            names = [escape(name) for name in names]
-        return names, nids
-
-
-_COMPACT_CHUNK_BASED = fmt.EROFS_INODE_CHUNK_BASED << fmt.EROFS_I_DATALAYOUT_BIT
-_DIR_OR_LINK = (S_IFDIR, S_IFLNK)
-_DOTS = [b".", b".."]
-_NO_DIGEST = b" - -\n"  # the end of a line without CONTENT, DIGEST and xattrs
-# i_format of the inodes _fast_node decodes: compact or extended, any data layout
-_FAST_FORMATS = frozenset(v << 1 | e for v in _LAYOUTS for e in (0, 1))
-
-
-class _Declined(Exception):
-    """Internal: :meth:`Image._fast_dump` leaves this image to the careful path."""
-
-
-@functools.cache
-def _dirents(count: int) -> struct.Struct:
-    """(nid, name offset) of ``count`` directory records, the file types skipped."""
-    return struct.Struct("<" + "QH2x" * count)
 
 
 _METACOPY_ENTRY = _XATTR_ENTRY.pack(16, fmt.EROFS_XATTR_INDEX_TRUSTED, 0) + b"overlay.metacopy"
@@ -1024,7 +761,7 @@ _REDIRECT_SUFFIX = b"overlay.redirect"
 # payload and zero padding (a payload printed as it is, without escapes; its length must
 # match); or two shared references, the metacopy and the redirect (files with the same
 # content).  Groups: inline digest, one reference, redirect size, payload, two references.
-_EXTERNAL_XATTRS = re.compile(
+EXTERNAL_XATTRS = re.compile(
     rb"....(?:\x00.{7}(?:%b|%b(.{32}))|\x01.{7}(....))%b(..)%b/([!-\[\]-~]+)\x00{0,3}"
     rb"|....\x02.{7}(.{8})"
     % (
