@@ -18,6 +18,7 @@ COMPILED_MODULES = [
     "src/composefs/erofs/format.py",
     "src/composefs/erofs/writer.py",
     "src/composefs/erofs/reader.py",
+    "src/composefs/erofs/dumptext.py",
     "src/composefs/imageinfo.py",
 ]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from composefs.errors import DumpfileError, TreeError
@@ -52,6 +52,19 @@ _BACKSLASH = 0x5C
 _NUL = 0
 _SIMPLE_ESCAPES = {ord("\\"): 0x5C, ord("n"): 0x0A, ord("r"): 0x0D, ord("t"): 0x09}
 _C_SPACE = b" \t\n\v\f\r"
+
+
+def _bare_inode_factory() -> Callable[[type[Inode]], Inode] | None:
+    """``Inode.__new__`` where it makes an empty inode to fill in; None when the model is
+    compiled by mypyc, whose classes can only be made through ``__init__``."""
+    try:
+        Inode.__new__(Inode)
+    except TypeError:
+        return None
+    return Inode.__new__
+
+
+_BARE_INODE = _bare_inode_factory()
 
 
 class _ParseError(Exception):
@@ -297,7 +310,7 @@ class _Parser:
         hold no NUL, which the regex does not look for.
         """
         match = _FAST_LINE.fullmatch
-        new_inode = Inode.__new__
+        new_inode = _BARE_INODE
         dirs = self.dirs
         bad_names = (b"", b".", b"..")
         done = 0
@@ -328,22 +341,28 @@ class _Parser:
                 ):
                     self._line_other(m, mode, ftype)
                     continue
-                # Inode.__init__ would be a Python call with ten arguments for every line;
-                # the fields are set here instead (all of them: tests check that).
-                node = new_inode(Inode)
-                node.mode = mode
-                node.nlink = int(nlink)
-                node.uid = int(uid)
-                node.gid = int(gid)
-                node.rdev = 0
-                node.size = int(size_s)
-                node.mtime_sec = int(sec)
-                node.mtime_nsec = int(nsec)
-                node.xattrs = {}
-                node.payload = None if payload == b"-" else payload
-                node.content = None
-                node.digest = None
-                node.entries = {} if ftype == S_IFDIR else None
+                if new_inode is None:  # compiled: the constructor is cheap there
+                    node = Inode(
+                        mode, int(nlink), int(uid), int(gid), 0, int(size_s), int(sec),
+                        int(nsec), None, None if payload == b"-" else payload,
+                    )  # fmt: skip
+                else:
+                    # Inode.__init__ would be a Python call with ten arguments for every
+                    # line; the fields are set here instead (all of them: tests check it).
+                    node = new_inode(Inode)
+                    node.mode = mode
+                    node.nlink = int(nlink)
+                    node.uid = int(uid)
+                    node.gid = int(gid)
+                    node.rdev = 0
+                    node.size = int(size_s)
+                    node.mtime_sec = int(sec)
+                    node.mtime_nsec = int(nsec)
+                    node.xattrs = {}
+                    node.payload = None if payload == b"-" else payload
+                    node.content = None
+                    node.digest = None
+                    node.entries = {} if ftype == S_IFDIR else None
                 # Insert under a directory met before, by its canonical path; anything
                 # unusual (or an error, such as a duplicate) is left to insert().
                 parent_path, _, name = path.rpartition(b"/")
