@@ -80,11 +80,22 @@ class _Served:
         self.handles = 0
 
 
-class _OpenFile(NamedTuple):
-    nid: int
-    served: _Served | None  # None: content inline in the image (or holes)
-    data: bytes | None  # inline content; None for a file of holes
-    size: int
+class _OpenFile:
+    """An open file: inline content, or an object (opened at the first read that needs
+    it, when reads come through the server)."""
+
+    __slots__ = ("data", "digest", "nid", "payload", "served", "size")
+
+    def __init__(
+        self, nid: int, size: int, *, data: bytes | None = None, served: _Served | None = None,
+        payload: bytes | None = None, digest: bytes | None = None,
+    ) -> None:  # fmt: skip
+        self.nid = nid
+        self.size = size
+        self.data = data  # inline content (None with no object: a file of holes)
+        self.served = served
+        self.payload = payload  # the object to open, while ``served`` is None
+        self.digest = digest
 
 
 _KEPT_PASSTHROUGH = 1 << 18  # passed-through objects kept (no fd: a few hundred bytes)
@@ -303,22 +314,32 @@ class Filesystem:
                     data = self.image.read_data(ino, ino.size)
                 elif ino.size:
                     data = None  # all holes
-                handle = _OpenFile(nid, None, data, ino.size)
+                handle = _OpenFile(nid, ino.size, data=data)
                 return p.OPEN_OUT.pack(self._add_handle(handle), p.FOPEN_KEEP_CACHE, 0)
-            obj = open_object(
-                self.objects, payload, ino.size, digest, verify=self.options.verify,
-                cache=self.block_hashes,
-            )  # fmt: skip
-            served = self._keep_object(nid, obj)
+            if self.backing_open is None:
+                # Reads come here: open the object at the first read that needs it.  With
+                # the content already in the page cache (kept across opens), none does.
+                handle = _OpenFile(nid, ino.size, payload=payload, digest=digest)
+                return p.OPEN_OUT.pack(self._add_handle(handle), p.FOPEN_KEEP_CACHE, 0)
+            served = self._open_object(nid, payload, ino.size, digest)
         if served.backing_id:
             # No handle: reads go to the kernel; release finds the object by inode.
             return p.OPEN_OUT.pack(_PASSED_THROUGH, p.FOPEN_PASSTHROUGH, served.backing_id)
-        fh = self._add_handle(_OpenFile(nid, served, None, served.obj.size))
+        fh = self._add_handle(_OpenFile(nid, served.obj.size, served=served))
         return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE, 0)
+
+    def _open_object(self, nid: int, payload: bytes, size: int, digest: bytes | None) -> _Served:
+        obj = open_object(
+            self.objects, payload, size, digest, verify=self.options.verify,
+            cache=self.block_hashes,
+        )  # fmt: skip
+        return self._keep_object(nid, obj)
 
     def has_kept_object(self, nodeid: int) -> bool:
         """Whether opening this node is quick: its object is kept open, or it is known to
         have none (content inline)."""
+        if self.backing_open is None:
+            return True  # objects are opened at the first read, not here
         nid = self._nid(nodeid)
         if nid in self._objects:
             return True
@@ -400,13 +421,29 @@ class Filesystem:
         handle = self._files.get(fh)
         if handle is None:
             raise OSError(errno.EBADF, "unknown file handle")
-        if handle.served is not None:
-            if handle.served.obj.fd < 0:  # passed through: the kernel reads it, not us
+        served = handle.served
+        if served is None and handle.payload is not None:
+            served = self._object(handle.nid) or self._open_object(
+                handle.nid, handle.payload, handle.size, handle.digest
+            )
+            with self._lock:  # two first reads may race (readahead): one use per handle
+                if handle.served is None:
+                    handle.served = served
+                else:
+                    served.handles -= 1
+                    served = handle.served
+        if served is not None:
+            if served.obj.fd < 0:  # passed through: the kernel reads it, not us
                 raise OSError(errno.EIO, "read of a passed-through file")
-            return handle.served.obj.read(offset, size)
+            return served.obj.read(offset, size)
         if handle.data is None:
             return bytes(max(0, min(offset + size, handle.size) - offset))  # a file of holes
         return handle.data[offset : offset + size]
+
+    def read_needs_object(self, body: memoryview) -> bool:
+        """Whether this read must first open (and perhaps hash) its object."""
+        handle = self._files.get(p.READ_IN.unpack_from(body)[0])
+        return handle is not None and handle.served is None and handle.payload is not None
 
     def release(self, nodeid: int, body: memoryview) -> bytes:
         fh = p.RELEASE_IN.unpack_from(body)[0]

@@ -185,15 +185,17 @@ class Session:
 
     def _serve(self, pool: Executor | None) -> None:
         """One thread reads and answers every request: handing requests between Python
-        threads costs more than answering them (the GIL).  Only opens that must open and
-        perhaps hash an object go to the pool, so that one large object being checked
-        does not hold up everything else."""
+        threads costs more than answering them (the GIL).  Only the requests that must
+        open and perhaps hash an object (an open to pass through, or the first read of a
+        file served here) go to the pool, so that one large object being checked does
+        not hold up everything else."""
         fd = self.conn.fd
         buf = bytearray(_BUFFER)
         view = memoryview(buf)
         header = p.IN_HEADER.unpack_from
         answer = self._answer
         kept = self.fs.has_kept_object
+        needs_object = self.fs.read_needs_object
         while True:
             try:
                 n = os.readv(fd, [buf])
@@ -209,7 +211,9 @@ class Session:
             body = view[p.IN_HEADER.size : min(length, n)]
             if self.debug:
                 log.debug("%s node %d (unique %d)", _NAMES.get(opcode, opcode), nodeid, unique)
-            if opcode == p.OPEN and pool is not None and not kept(nodeid):
+            if pool is not None and (
+                (opcode == p.OPEN and not kept(nodeid)) or (opcode == p.READ and needs_object(body))
+            ):
                 pool.submit(answer, opcode, unique, nodeid, uid, memoryview(bytes(body)))
                 continue
             if answer(opcode, unique, nodeid, uid, body):
