@@ -433,3 +433,31 @@ def test_index_of_hostile_images_fails_only_with_format_errors() -> None:
             except FormatError:
                 outcomes["refused"] += 1
     assert outcomes["refused"] > 100 and outcomes["ok"] > 50, outcomes
+
+
+def _fs_verity_here(path: Path) -> bool:
+    from composefs.fsverity import verity_supported
+
+    return verity_supported(path)
+
+
+@needs_fuse
+def test_objects_with_kernel_fs_verity_are_trusted(
+    private: tuple[Path, Path, Path, Path],
+) -> None:
+    """An object with kernel fs-verity and the recorded digest is served without hashing
+    it here: the kernel checks every page.  Needs a filesystem with fs-verity."""
+    from composefs.fsverity import enable_verity, measure_verity
+
+    src, store, image, mnt = private
+    if not _fs_verity_here(store):
+        pytest.skip(f"no fs-verity on the filesystem of {store} (or in this kernel)")
+    obj = _object_of(image, b"/large", store)
+    fd = os.open(obj, os.O_RDONLY)
+    try:
+        assert enable_verity(fd)
+        assert measure_verity(fd) is not None
+    finally:
+        os.close(fd)
+    with fuse_mount(image, store, mnt, "nopassthrough"):
+        assert (mnt / "large").read_bytes() == (src / "large").read_bytes()

@@ -462,3 +462,27 @@ def test_mounting_as_non_root_fails_clearly(
         shutil.rmtree(readable)
     finally:
         target.rmdir()
+
+
+@needs_kernel_mount
+def test_digest_checked_by_the_kernel_measurement(
+    built: tuple[Path, Path, Path, str], mnt: Path, tmp_path: Path
+) -> None:
+    """An image file with fs-verity: digest= compares the kernel's measurement and mounts
+    the file itself.  Needs a filesystem with fs-verity."""
+    _src, store, image, digest = built
+    if not fsverity.verity_supported(tmp_path):
+        pytest.skip(f"no fs-verity on the filesystem of {tmp_path} (or in this kernel)")
+    sealed = tmp_path / "sealed.cfs"
+    shutil.copyfile(image, sealed)
+    fd = os.open(sealed, os.O_RDONLY)
+    try:
+        assert fsverity.enable_verity(fd)
+    finally:
+        os.close(fd)
+    assert _run("-o", f"basedir={store},digest={'0' * 64}", str(sealed), str(mnt)).returncode == 1
+    r = _run("-o", f"basedir={store},digest={digest}", str(sealed), str(mnt))
+    assert r.returncode == 0, r.stderr
+    assert attached_loop_devices() == {} or all(
+        "memfd" not in backing for backing in attached_loop_devices().values()
+    )  # the file itself, not a private copy
