@@ -48,6 +48,7 @@ _ENTRY_HEAD = p.ENTRY_OUT_HEAD.pack
 _ATTR_OUT_HEAD = p.ATTR_OUT_HEAD.pack(TIMEOUT, 0, 0)
 _HIDDEN = -1  # the kind of a whiteout in the index
 _PASSED_THROUGH = 0  # the file handle of every passed-through open (others count from 1)
+_NO_HANDLE = 0  # ... and of reads of files the kernel opened without asking
 _PADDING = [bytes(-i % 8) for i in range(8)]
 
 
@@ -80,22 +81,13 @@ class _Served:
         self.handles = 0
 
 
-class _OpenFile:
-    """An open file: inline content, or an object (opened at the first read that needs
-    it, when reads come through the server)."""
+class _OpenFile(NamedTuple):
+    """A file opened through us (when objects are passed through)."""
 
-    __slots__ = ("data", "digest", "nid", "payload", "served", "size")
-
-    def __init__(
-        self, nid: int, size: int, *, data: bytes | None = None, served: _Served | None = None,
-        payload: bytes | None = None, digest: bytes | None = None,
-    ) -> None:  # fmt: skip
-        self.nid = nid
-        self.size = size
-        self.data = data  # inline content (None with no object: a file of holes)
-        self.served = served
-        self.payload = payload  # the object to open, while ``served`` is None
-        self.digest = digest
+    nid: int
+    size: int
+    data: bytes | None = None  # inline content; None with no object: a file of holes
+    served: _Served | None = None
 
 
 _KEPT_PASSTHROUGH = 1 << 18  # passed-through objects kept (no fd: a few hundred bytes)
@@ -295,6 +287,13 @@ class Filesystem:
         return self.image.readlink(ino)
 
     def open(self, nodeid: int, body: memoryview) -> bytes:
+        if self.backing_open is None:
+            # Reads come here, so an open has nothing to set up: "not implemented" makes
+            # the kernel open files without asking (and without a release), keep their
+            # cached pages across opens, and send reads by inode (see read()).  A warm
+            # walk of the tree then costs no request at all.  (The mount is read-only:
+            # the kernel refuses writers itself.)
+            raise OSError(errno.ENOSYS, "opens are not needed")
         flags, _open_flags = p.OPEN_IN.unpack_from(body)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise OSError(errno.EROFS, "read-only")
@@ -316,11 +315,6 @@ class Filesystem:
                     data = None  # all holes
                 handle = _OpenFile(nid, ino.size, data=data)
                 return p.OPEN_OUT.pack(self._add_handle(handle), p.FOPEN_KEEP_CACHE, 0)
-            if self.backing_open is None:
-                # Reads come here: open the object at the first read that needs it.  With
-                # the content already in the page cache (kept across opens), none does.
-                handle = _OpenFile(nid, ino.size, payload=payload, digest=digest)
-                return p.OPEN_OUT.pack(self._add_handle(handle), p.FOPEN_KEEP_CACHE, 0)
             served = self._open_object(nid, payload, ino.size, digest)
         if served.backing_id:
             # No handle: reads go to the kernel; release finds the object by inode.
@@ -338,8 +332,6 @@ class Filesystem:
     def has_kept_object(self, nodeid: int) -> bool:
         """Whether opening this node is quick: its object is kept open, or it is known to
         have none (content inline)."""
-        if self.backing_open is None:
-            return True  # objects are opened at the first read, not here
         nid = self._nid(nodeid)
         if nid in self._objects:
             return True
@@ -416,22 +408,14 @@ class Filesystem:
             self._files[fh] = handle
         return fh
 
-    def read(self, _nodeid: int, body: memoryview) -> bytes:
+    def read(self, nodeid: int, body: memoryview) -> bytes:
         fh, offset, size, *_rest = p.READ_IN.unpack_from(body)
+        if fh == _NO_HANDLE:
+            return self._read_inode(self._nid(nodeid), offset, size)
         handle = self._files.get(fh)
         if handle is None:
             raise OSError(errno.EBADF, "unknown file handle")
         served = handle.served
-        if served is None and handle.payload is not None:
-            served = self._object(handle.nid) or self._open_object(
-                handle.nid, handle.payload, handle.size, handle.digest
-            )
-            with self._lock:  # two first reads may race (readahead): one use per handle
-                if handle.served is None:
-                    handle.served = served
-                else:
-                    served.handles -= 1
-                    served = handle.served
         if served is not None:
             if served.obj.fd < 0:  # passed through: the kernel reads it, not us
                 raise OSError(errno.EIO, "read of a passed-through file")
@@ -440,10 +424,41 @@ class Filesystem:
             return bytes(max(0, min(offset + size, handle.size) - offset))  # a file of holes
         return handle.data[offset : offset + size]
 
-    def read_needs_object(self, body: memoryview) -> bool:
+    def _read_inode(self, nid: int, offset: int, size: int) -> bytes:
+        """A read of a file opened without us: its object is opened (and checked) at the
+        first read and kept; it counts as in use for the time of each read."""
+        served = self._object(nid)
+        if served is None:
+            ino = self.image.inode(nid)
+            if ino.mode & S_IFMT != S_IFREG:
+                raise OSError(errno.EINVAL, "not a file")
+            known = self._backing_files.get(nid)
+            if known is None:
+                known = self._backing_files[nid] = self.image.backing_file(ino)
+            payload, digest = known
+            if payload is None:
+                end = min(offset + size, ino.size)
+                if offset >= end:
+                    return b""
+                if ino.layout == fmt.EROFS_INODE_CHUNK_BASED:
+                    return bytes(end - offset)  # a file of holes
+                return self.image.read_data(ino, ino.size)[offset:end]
+            served = self._open_object(nid, payload, ino.size, digest)
+        try:
+            return served.obj.read(offset, size)
+        finally:
+            with self._lock:
+                served.handles -= 1
+
+    def read_needs_object(self, nodeid: int, body: memoryview) -> bool:
         """Whether this read must first open (and perhaps hash) its object."""
-        handle = self._files.get(p.READ_IN.unpack_from(body)[0])
-        return handle is not None and handle.served is None and handle.payload is not None
+        if p.READ_IN.unpack_from(body)[0] != _NO_HANDLE:
+            return False
+        nid = self._nid(nodeid)
+        if nid in self._objects:
+            return False
+        known = self._backing_files.get(nid)
+        return known is None or known[0] is not None
 
     def release(self, nodeid: int, body: memoryview) -> bytes:
         fh = p.RELEASE_IN.unpack_from(body)[0]

@@ -187,8 +187,8 @@ class Session:
         """One thread reads and answers every request: handing requests between Python
         threads costs more than answering them (the GIL).  Only the requests that must
         open and perhaps hash an object (an open to pass through, or the first read of a
-        file served here) go to the pool, so that one large object being checked does
-        not hold up everything else."""
+        file the kernel opened without us) go to the pool, so that one large object being
+        checked does not hold up everything else."""
         fd = self.conn.fd
         buf = bytearray(_BUFFER)
         view = memoryview(buf)
@@ -212,7 +212,8 @@ class Session:
             if self.debug:
                 log.debug("%s node %d (unique %d)", _NAMES.get(opcode, opcode), nodeid, unique)
             if pool is not None and (
-                (opcode == p.OPEN and not kept(nodeid)) or (opcode == p.READ and needs_object(body))
+                (opcode == p.OPEN and not kept(nodeid))
+                or (opcode == p.READ and needs_object(nodeid, body))
             ):
                 pool.submit(answer, opcode, unique, nodeid, uid, memoryview(bytes(body)))
                 continue
