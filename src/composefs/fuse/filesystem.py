@@ -300,20 +300,9 @@ class Filesystem:
         nid = self._nid(nodeid)
         served = self._object(nid)
         if served is None:
-            ino = self.image.inode(nid)
-            if ino.mode & S_IFMT != S_IFREG:
-                raise OSError(errno.EISDIR if ino.is_dir() else errno.EINVAL, "not a file")
-            known = self._backing_files.get(nid)
-            if known is None:
-                known = self._backing_files[nid] = self.image.backing_file(ino)
-            payload, digest = known
+            ino, payload, digest = self._regular_file(nid)
             if payload is None:
-                data: bytes | None = b""
-                if ino.layout != fmt.EROFS_INODE_CHUNK_BASED and ino.size:
-                    data = self.image.read_data(ino, ino.size)
-                elif ino.size:
-                    data = None  # all holes
-                handle = _OpenFile(nid, ino.size, data=data)
+                handle = _OpenFile(nid, ino.size, data=self._inline_content(ino))
                 return p.OPEN_OUT.pack(self._add_handle(handle), p.FOPEN_KEEP_CACHE, 0)
             served = self._open_object(nid, payload, ino.size, digest)
         if served.backing_id:
@@ -321,6 +310,22 @@ class Filesystem:
             return p.OPEN_OUT.pack(_PASSED_THROUGH, p.FOPEN_PASSTHROUGH, served.backing_id)
         fh = self._add_handle(_OpenFile(nid, served.obj.size, served=served))
         return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE, 0)
+
+    def _regular_file(self, nid: int) -> tuple[ImageInode, bytes | None, bytes | None]:
+        """A regular file's inode, object path and digest (both None for inline content)."""
+        ino = self.image.inode(nid)
+        if ino.mode & S_IFMT != S_IFREG:
+            raise OSError(errno.EISDIR if ino.is_dir() else errno.EINVAL, "not a file")
+        known = self._backing_files.get(nid)
+        if known is None:
+            known = self._backing_files[nid] = self.image.backing_file(ino)
+        return ino, known[0], known[1]
+
+    def _inline_content(self, ino: ImageInode) -> bytes | None:
+        """The content stored in the image, or None for a file of holes."""
+        if ino.layout == fmt.EROFS_INODE_CHUNK_BASED:
+            return None if ino.size else b""
+        return self.image.read_data(ino, ino.size)
 
     def _open_object(self, nid: int, payload: bytes, size: int, digest: bytes | None) -> _Served:
         obj = open_object(
@@ -429,20 +434,12 @@ class Filesystem:
         first read and kept; it counts as in use for the time of each read."""
         served = self._object(nid)
         if served is None:
-            ino = self.image.inode(nid)
-            if ino.mode & S_IFMT != S_IFREG:
-                raise OSError(errno.EINVAL, "not a file")
-            known = self._backing_files.get(nid)
-            if known is None:
-                known = self._backing_files[nid] = self.image.backing_file(ino)
-            payload, digest = known
+            ino, payload, digest = self._regular_file(nid)
             if payload is None:
-                end = min(offset + size, ino.size)
-                if offset >= end:
-                    return b""
-                if ino.layout == fmt.EROFS_INODE_CHUNK_BASED:
-                    return bytes(end - offset)  # a file of holes
-                return self.image.read_data(ino, ino.size)[offset:end]
+                data = self._inline_content(ino)
+                if data is None:  # a file of holes
+                    return bytes(max(0, min(offset + size, ino.size) - offset))
+                return data[offset : offset + size]
             served = self._open_object(nid, payload, ino.size, digest)
         try:
             return served.obj.read(offset, size)
