@@ -53,7 +53,8 @@ def timed(cmd: str) -> float:
 
 @contextmanager
 def fuse(exe: str, image: Path, store: Path, mnt: Path) -> Iterator[None]:
-    proc = subprocess.Popen([exe, "-f", "-o", f"source={image},basedir={store}", str(mnt)])
+    options = f"source={image},basedir={store}" + EXTRA_OPTIONS.get(exe, "")
+    proc = subprocess.Popen([exe, "-f", "-o", options, str(mnt)])
     try:
         for _ in range(600):
             if os.path.ismount(mnt):
@@ -79,6 +80,7 @@ def kernel(image: Path, store: Path, mnt: Path) -> Iterator[None]:
 
 
 Mounter = Callable[[], AbstractContextManager[None]]
+EXTRA_OPTIONS: dict[str, str] = {}  # more -o options for a server, by executable
 Rows = dict[str, tuple[float, ...]]
 
 
@@ -182,6 +184,10 @@ def main() -> int:
     ap.add_argument("--source", default="/usr", help="tree for the tar test (default /usr)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument(
+        "--our-options", default="",
+        help="more -o options for our server, e.g. nopassthrough (the mode ordinary users get)",
+    )  # fmt: skip
+    ap.add_argument(
         "--only", choices=("metadata", "read", "tar"), action="append",
         help="run only these parts (repeatable; default: all)",
     )  # fmt: skip
@@ -193,6 +199,8 @@ def main() -> int:
     if reference and Path(reference).resolve() == Path(args.ours).resolve():
         reference = None
     servers = {"composefs-py": args.ours}
+    if args.our_options:
+        EXTRA_OPTIONS[args.ours] = "," + args.our_options
     if reference:
         servers["reference"] = reference
     parts = args.only or ["metadata", "read", "tar"]
