@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -88,3 +89,58 @@ def attached_loop_devices() -> dict[str, str]:
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         out[backing.parent.parent.name] = backing.read_text().strip()
     return out
+
+
+def object_of(image: Path, path: bytes, store: Path) -> Path:
+    """The object in ``store`` that ``path`` of ``image`` redirects to."""
+    from composefs.erofs.reader import load_tree
+
+    node = load_tree(image).lookup(path)
+    assert node is not None and node.payload is not None
+    return store / os.fsdecode(node.payload)
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def meminfo_cached() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Cached:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Cached line in /proc/meminfo")
+
+
+def cached_growth(
+    obj: Path,
+    files: tuple[Path, Path],
+    payload: bytes,
+    *,
+    first_max: float,
+    after_evict: Callable[[], None] | None = None,
+) -> tuple[int, int]:
+    """How much the page cache (``Cached``) grows reading ``files`` one after the other,
+    both backed by the object ``obj``, from cold.  /proc/meminfo is machine-wide, so up
+    to three tries: the first whose figures look undisturbed (the first read growing by
+    the payload size, at most ``first_max`` times it; the second by under a fifth) is
+    returned, else the last."""
+    size = len(payload)
+    for _attempt in range(3):
+        evict(obj)
+        if after_evict is not None:
+            after_evict()
+        before = meminfo_cached()
+        assert files[0].read_bytes() == payload
+        middle = meminfo_cached()
+        assert files[1].read_bytes() == payload
+        after = meminfo_cached()
+        first, second = middle - before, after - middle
+        if size * 0.8 < first < size * first_max and second < size * 0.2:
+            break
+    return first, second

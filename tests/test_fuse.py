@@ -21,10 +21,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from mounted import assert_same_tree, kernel_mount_skip_reason, xattrs
+from mounted import (
+    assert_same_tree,
+    cached_growth,
+    kernel_mount_skip_reason,
+    object_of,
+    xattrs,
+)
 from test_scan import make_tree
 
-from composefs.erofs.reader import load_tree
 from composefs.mount import MountOptions, mount, unmount
 
 BIN = Path(sys.executable).parent
@@ -67,10 +72,15 @@ def _wait_mounted(path: Path, proc: subprocess.Popen[bytes] | None = None) -> No
         if _is_mounted(path):
             return
         if proc is not None and proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
+            err = _server_log(proc)
             pytest.fail(f"composefs-fuse exited with {proc.returncode}: {err}")
         time.sleep(0.05)
     pytest.fail(f"{path} was not mounted")
+
+
+def _server_log(proc: subprocess.Popen[bytes]) -> str:
+    """What a foreground server wrote on stderr (all of it, once it has ended)."""
+    return proc.stderr.read().decode() if proc.stderr else ""
 
 
 def _unmount(path: Path) -> None:
@@ -167,12 +177,6 @@ def test_same_tree_as_the_kernel_mount(built: tuple[Path, Path, Path], tmp_path:
         unmount(kmnt)
 
 
-def _object_of(image: Path, path: bytes, store: Path) -> Path:
-    node = load_tree(image).lookup(path)
-    assert node is not None and node.payload is not None
-    return store / os.fsdecode(node.payload)
-
-
 @pytest.fixture
 def private(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     """(source, store, image, mount point) of a tree with one 1 MiB file, built for one test
@@ -192,7 +196,7 @@ def private(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
 @needs_fuse
 def test_tampered_object_is_refused_and_named(private: tuple[Path, Path, Path, Path]) -> None:
     src, store, image, mnt = private
-    obj = _object_of(image, b"/large", store)
+    obj = object_of(image, b"/large", store)
     obj.chmod(0o644)
     with open(obj, "r+b") as f:
         f.seek(300_000)
@@ -202,20 +206,20 @@ def test_tampered_object_is_refused_and_named(private: tuple[Path, Path, Path, P
             (mnt / "large").read_bytes()
         assert e.value.errno == 5  # EIO
         assert (mnt / "other").read_bytes() == (src / "other").read_bytes()
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    err = _server_log(proc)
     assert f"object {obj} has fs-verity digest" in err, err
 
 
 @needs_fuse
 def test_truncated_object_is_refused(private: tuple[Path, Path, Path, Path]) -> None:
     _src, store, image, mnt = private
-    obj = _object_of(image, b"/large", store)
+    obj = object_of(image, b"/large", store)
     os.truncate(obj, 4096)
     with fuse_mount(image, store, mnt) as proc:
         with pytest.raises(OSError) as e:
             (mnt / "large").read_bytes()
         assert e.value.errno == 5
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    err = _server_log(proc)
     assert f"object {obj} has 4096 bytes, the image says {1 << 20}" in err
 
 
@@ -224,7 +228,7 @@ def test_each_read_is_checked_block_by_block(private: tuple[Path, Path, Path, Pa
     """An object changed after it was first checked: the reads of the changed block fail,
     the others still work (nopassthrough: every read goes through the server)."""
     src, store, image, mnt = private
-    obj = _object_of(image, b"/large", store)
+    obj = object_of(image, b"/large", store)
     good = (src / "large").read_bytes()
     with fuse_mount(image, store, mnt, "nopassthrough") as proc:
         with open(mnt / "large", "rb") as f:
@@ -241,14 +245,14 @@ def test_each_read_is_checked_block_by_block(private: tuple[Path, Path, Path, Pa
             assert e.value.errno == 5
         finally:
             os.close(fd)
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    err = _server_log(proc)
     assert f"object {obj} blocks 5..5 do not match its fs-verity digest" in err, err
 
 
 @needs_fuse
 def test_noverify_serves_unchecked(private: tuple[Path, Path, Path, Path]) -> None:
     _src, store, image, mnt = private
-    obj = _object_of(image, b"/large", store)
+    obj = object_of(image, b"/large", store)
     with open(obj, "r+b") as f:
         f.write(b"changed")
     with fuse_mount(image, store, mnt, "noverify"):
@@ -258,12 +262,12 @@ def test_noverify_serves_unchecked(private: tuple[Path, Path, Path, Path]) -> No
 @needs_fuse
 def test_missing_object(private: tuple[Path, Path, Path, Path]) -> None:
     _src, store, image, mnt = private
-    _object_of(image, b"/large", store).unlink()
+    object_of(image, b"/large", store).unlink()
     with fuse_mount(image, store, mnt) as proc:
         with pytest.raises(FileNotFoundError):
             (mnt / "large").read_bytes()
         assert (mnt / "large").stat().st_size == 1 << 20
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    err = _server_log(proc)
     assert "not found in" in err
 
 
@@ -366,13 +370,6 @@ def test_runs_as_nobody() -> None:
         shutil.rmtree(base)
 
 
-def _meminfo_cached() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Cached:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no Cached line")
-
-
 @needs_fuse
 @needs_root
 def test_passthrough_shares_the_page_cache(tmp_path: Path) -> None:
@@ -392,21 +389,12 @@ def test_passthrough_shares_the_page_cache(tmp_path: Path) -> None:
         _build(src, store, images[-1])
         mounts.append(tmp_path / f"mnt-{name}")
         mounts[-1].mkdir()
-    obj = _object_of(images[0], b"/shared.bin", store)
+    obj = object_of(images[0], b"/shared.bin", store)
     with fuse_mount(images[0], store, mounts[0]), fuse_mount(images[1], store, mounts[1]):
-        for _attempt in range(3):  # /proc/meminfo is machine-wide: retry if disturbed
-            fd = os.open(obj, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-            before = _meminfo_cached()
-            assert (mounts[0] / "shared.bin").read_bytes() == payload
-            middle = _meminfo_cached()
-            assert (mounts[1] / "shared.bin").read_bytes() == payload
-            after = _meminfo_cached()
-            first, second = middle - before, after - middle
-            if size * 0.8 < first < size * 1.5 and second < size * 0.2:
-                break
-        else:
+        first, second = cached_growth(
+            obj, (mounts[0] / "shared.bin", mounts[1] / "shared.bin"), payload, first_max=1.5
+        )
+        if not (size * 0.8 < first < size * 1.5 and second < size * 0.2):
             pytest.fail(f"Cached grew by {first >> 20} MiB, then {second >> 20} MiB")
 
 
@@ -452,7 +440,7 @@ def test_objects_with_kernel_fs_verity_are_trusted(
     src, store, image, mnt = private
     if not _fs_verity_here(store):
         pytest.skip(f"no fs-verity on the filesystem of {store} (or in this kernel)")
-    obj = _object_of(image, b"/large", store)
+    obj = object_of(image, b"/large", store)
     fd = os.open(obj, os.O_RDONLY)
     try:
         assert enable_verity(fd)

@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mounted import assert_same_tree, attached_loop_devices, kernel_mount_skip_reason
+from mounted import (
+    assert_same_tree,
+    attached_loop_devices,
+    cached_growth,
+    kernel_mount_skip_reason,
+    object_of,
+)
 from test_scan import make_tree
 
 from composefs import fsverity
@@ -250,7 +256,7 @@ def test_two_images_share_objects_and_the_page_cache(tmp_path: Path) -> None:
         _build(src, store, images[-1])
     objects = [p for p in store.rglob("*") if p.is_file()]
     assert len(objects) == 3  # shared.bin once, plus one file per image
-    shared_object = store / os.fsdecode(_redirect(images[0], b"/shared.bin"))
+    shared_object = object_of(images[0], b"/shared.bin", store)
     mounts = [tmp_path / "mnt1", tmp_path / "mnt2"]
     for image, target in zip(images, mounts, strict=True):
         target.mkdir()
@@ -259,18 +265,14 @@ def test_two_images_share_objects_and_the_page_cache(tmp_path: Path) -> None:
         # Both mounts resolve to the same backing file.
         for target in mounts:
             assert os.stat(target / "shared.bin").st_size == size
-        for _attempt in range(3):  # /proc/meminfo is machine-wide: retry if disturbed
-            _evict(shared_object)
-            assert _resident(shared_object) == 0
-            cached0 = _meminfo_cached()
-            assert (mounts[0] / "shared.bin").read_bytes() == payload
-            cached1 = _meminfo_cached()
-            assert (mounts[1] / "shared.bin").read_bytes() == payload
-            cached2 = _meminfo_cached()
-            first, second = cached1 - cached0, cached2 - cached1
-            if size * 0.8 < first < size * 1.3 and second < size * 0.2:
-                break
-        else:
+        first, second = cached_growth(
+            shared_object,
+            (mounts[0] / "shared.bin", mounts[1] / "shared.bin"),
+            payload,
+            first_max=1.3,
+            after_evict=lambda: _assert_evicted(shared_object),
+        )
+        if not (size * 0.8 < first < size * 1.3 and second < size * 0.2):
             pytest.fail(f"Cached grew by {first >> 20} MiB, then {second >> 20} MiB")
         assert _resident(shared_object) == size  # the object itself holds the pages
     finally:
@@ -278,21 +280,8 @@ def test_two_images_share_objects_and_the_page_cache(tmp_path: Path) -> None:
             unmount(target)
 
 
-def _redirect(image: Path, path: bytes) -> bytes:
-    from composefs.erofs.reader import load_tree
-
-    node = load_tree(image).lookup(path)
-    assert node is not None and node.payload is not None
-    return node.payload
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+def _assert_evicted(path: Path) -> None:
+    assert _resident(path) == 0
 
 
 def _resident(path: Path) -> int:
@@ -302,13 +291,6 @@ def _resident(path: Path) -> int:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return int(r.stdout.strip())
-
-
-def _meminfo_cached() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Cached:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no Cached line in /proc/meminfo")
 
 
 @needs_kernel_mount
@@ -381,7 +363,7 @@ def test_missing_objects(built: tuple[Path, Path, Path, str], mnt: Path, tmp_pat
     _src, store, image, _digest = built
     partial = tmp_path / "partial"
     shutil.copytree(store, partial)
-    victim = store / os.fsdecode(_redirect(image, b"/a/sixty-five"))
+    victim = object_of(image, b"/a/sixty-five", store)
     (partial / victim.relative_to(store)).unlink()
     r = _run("-o", f"basedir={partial},checkobjects", str(image), str(mnt))
     assert r.returncode == 1
