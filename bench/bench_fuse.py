@@ -26,23 +26,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from measure import CS9_DUMP, REPO
+from measure import CS9_DUMP, REPO, drop_caches, find_reference, meminfo_cached
 
 from composefs import dumpfile
 from composefs.erofs.writer import build_image
 from composefs.mount import MountOptions, mount, unmount
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def cached() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Cached:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no Cached in /proc/meminfo")
 
 
 def timed(cmd: str) -> float:
@@ -169,11 +157,11 @@ def tar_test(servers: dict[str, str], tmp: Path, mnt: Path, runs: int, source: s
     for name, exe in servers.items():
         with fuse(exe, image, store, mnt), fuse(exe, image, store, mnt2):
             drop_caches()
-            c0 = cached()
+            c0 = meminfo_cached()
             timed(f"tar -cf - -C {mnt} . | cat >/dev/null")
-            c1 = cached()
+            c1 = meminfo_cached()
             timed(f"tar -cf - -C {mnt2} . | cat >/dev/null")
-            c2 = cached()
+            c2 = meminfo_cached()
         print(f"  {name:14s} first {(c1 - c0) / 1e6:8.0f} MB  second {(c2 - c1) / 1e6:8.0f} MB")
 
 
@@ -195,9 +183,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_fuse: needs root (dropping caches, kernel mounts)", file=sys.stderr)
         return 1
-    reference = args.reference or shutil.which("composefs-fuse")
-    if reference and Path(reference).resolve() == Path(args.ours).resolve():
-        reference = None
+    reference = find_reference(args.reference, "composefs-fuse", args.ours)
     servers = {"composefs-py": args.ours}
     if args.our_options:
         EXTRA_OPTIONS[args.ours] = "," + args.our_options

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from measure import CS9_DUMP, measure
+from measure import CS9_DUMP, find_reference, measure
 
 from composefs import dumpfile
 from composefs.erofs.reader import Image
@@ -33,9 +32,7 @@ def main() -> int:
     ap.add_argument("--ours", default=str(Path(sys.executable).parent / "composefs-info"))
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    reference = args.reference or shutil.which("composefs-info")
-    if reference and Path(reference).resolve() == Path(args.ours).resolve():
-        reference = None
+    reference = find_reference(args.reference, "composefs-info", args.ours)
 
     data = args.dump.read_bytes()
     if args.dump.suffix == ".gz":

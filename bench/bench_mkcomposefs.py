@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from measure import CS9_DUMP, REPO, measure
+from measure import CS9_DUMP, REPO, find_reference, measure
 
 
 def main() -> int:
@@ -26,9 +26,7 @@ def main() -> int:
     ap.add_argument("--ours", default=shutil.which("mkcomposefs", path=str(REPO / ".venv/bin")))
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    reference = args.reference or shutil.which("mkcomposefs")
-    if reference and Path(reference).resolve() == Path(args.ours).resolve():
-        reference = None
+    reference = find_reference(args.reference, "mkcomposefs", args.ours)
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "input.dump"
         data = args.dump.read_bytes()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -26,17 +25,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from measure import CS9_DUMP, REPO
+from measure import CS9_DUMP, REPO, drop_caches, find_reference
 
 from composefs import dumpfile
 from composefs.erofs.writer import build_image
 from composefs.mount import MountOptions, mount, unmount
 from composefs.tree import Tree
-
-
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def best(runs: int, once: Callable[[], float]) -> float:
@@ -88,9 +82,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_mount: mounting needs root", file=sys.stderr)
         return 1
-    reference = args.reference or shutil.which("mount.composefs")
-    if reference and Path(reference).resolve() == Path(args.ours).resolve():
-        reference = None
+    reference = find_reference(args.reference, "mount.composefs", args.ours)
 
     raw = Path(args.dump).read_bytes()
     data = gzip.decompress(raw) if args.dump.endswith(".gz") else raw

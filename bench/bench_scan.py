@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from measure import REPO, measure
+from measure import REPO, find_reference, measure
 
 
 def main() -> int:
@@ -26,9 +26,7 @@ def main() -> int:
     ap.add_argument("--ours", default=str(REPO / ".venv/bin/mkcomposefs"))
     ap.add_argument("--dir", default=None, help="scratch directory (default: system temp)")
     args = ap.parse_args()
-    reference = args.reference or shutil.which("mkcomposefs")
-    if reference and Path(reference).resolve() == Path(args.ours).resolve():
-        reference = None
+    reference = find_reference(args.reference, "mkcomposefs", args.ours)
     tools = {"composefs-py": args.ours}
     if reference:
         tools["reference"] = reference

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +27,26 @@ def measure(cmd: list[str]) -> tuple[float, float, int, bytes]:
     head, _, out = res.stdout.partition(b"\n")
     wall, cpu, rss = head.split()
     return float(wall), float(cpu), int(rss), out
+
+
+def find_reference(given: str | None, name: str, ours: str) -> str | None:
+    """The reference tool to compare with: as given, else ``name`` on PATH; None when
+    there is none, or when what PATH finds is ours."""
+    reference = given or shutil.which(name)
+    if reference and Path(reference).resolve() == Path(ours).resolve():
+        return None
+    return reference
+
+
+def drop_caches() -> None:
+    """Empty the page cache, dentries and inodes (root): the next run starts cold."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def meminfo_cached() -> int:
+    """The page cache's size, from /proc/meminfo, in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Cached:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no Cached in /proc/meminfo")
