@@ -81,6 +81,8 @@ class FsVerityHasher:
         n = len(mv)
         if not n:
             return
+        if self._ended():
+            raise ValueError("the data ended with a partial block: nothing can follow it")
         self._size += n
         pending = self._pending
         if pending:
@@ -98,18 +100,24 @@ class FsVerityHasher:
             pending += mv[full:]
 
     def update_block_hashes(self, hashes: bytes, nbytes: int) -> None:
-        """Add the hashes of ``nbytes`` of data whose full blocks were hashed elsewhere.
+        """Add the hashes of ``nbytes`` of data whose blocks were hashed elsewhere.
 
-        ``nbytes`` must be a multiple of the block size, and no partial block may be
-        pending: this is how parallel workers' results are merged in order.
+        No partial block may be pending: this is how parallel workers' results are merged
+        in order.  ``nbytes`` may end in a partial block (its hash being that of the block
+        zero-padded) only in the last call: nothing can be added after it.
         """
-        if self._pending or nbytes % BLOCK_SIZE:
-            raise ValueError("block hashes must start and end on a block boundary")
-        if len(hashes) != nbytes // BLOCK_SIZE * DIGEST_SIZE:
+        if self._pending or self._ended():
+            raise ValueError("block hashes must start on a block boundary")
+        if len(hashes) != -(-nbytes // BLOCK_SIZE) * DIGEST_SIZE:
             raise ValueError("block hash count does not match the data size")
         self._size += nbytes
         if hashes:
             self._push(0, hashes)
+
+    def _ended(self) -> bool:
+        """Whether a partial last block came as a hash (the pending bytes are always the
+        size modulo the block size otherwise)."""
+        return self._size % BLOCK_SIZE != len(self._pending)
 
     def _push(self, level: int, hashes: bytes) -> None:
         _push_into(self._levels, level, hashes)
@@ -191,7 +199,8 @@ def hash_blocks(data: bytes | bytearray | memoryview) -> bytes:
     full = len(mv) - len(mv) % BLOCK_SIZE
     hashes = _hash_blocks(mv[:full])
     if full < len(mv):
-        hashes += _sha256(bytes(mv[full:]) + bytes(BLOCK_SIZE - (len(mv) - full))).digest()
+        tail = bytes(mv[full:])
+        hashes += _sha256(tail + bytes(BLOCK_SIZE - len(tail))).digest()
     return hashes
 
 
@@ -220,30 +229,18 @@ def block_hashes_fd(fd: int, size: int, *, workers: int = 1) -> tuple[bytes, byt
     give an error, not SIGBUS).  With the block hashes, any one block can later be checked
     on its own.  Large files are hashed by ``workers`` threads (hashlib releases the GIL).
     Raises ``OSError(EIO)`` if the file is shorter than ``size``."""
-    full = size - size % BLOCK_SIZE
     if workers > 1 and size >= PARALLEL_MIN_SIZE:
         from concurrent.futures import ThreadPoolExecutor
 
-        step = -(-full // workers // _READ_CHUNK) * _READ_CHUNK
+        step = -(-size // workers // _READ_CHUNK) * _READ_CHUNK
         bounds = [(a, min(a + step, size)) for a in range(0, size, step)]
         with ThreadPoolExecutor(len(bounds)) as pool:
             leaves = b"".join(pool.map(lambda r: _block_hashes_range(fd, *r), bounds))
     else:
         leaves = _block_hashes_range(fd, 0, size)
     hasher = FsVerityHasher()
-    hasher.update_block_hashes(leaves[: full // BLOCK_SIZE * DIGEST_SIZE], full)
-    if full < size:
-        tail = os.pread(fd, size - full, full)
-        if len(tail) != size - full:
-            raise OSError(errno.EIO, f"file ends before {size} bytes")
-        hasher.update(tail)
-        if _tail_leaf(tail) != leaves[-DIGEST_SIZE:]:
-            raise OSError(errno.EIO, "file changed while it was being hashed")
+    hasher.update_block_hashes(leaves, size)
     return leaves, hasher.digest()
-
-
-def _tail_leaf(tail: bytes) -> bytes:
-    return _sha256(tail + bytes(BLOCK_SIZE - len(tail))).digest()
 
 
 def _hash_file_range(fd: int, start: int, end: int) -> bytes:
@@ -343,6 +340,13 @@ NO_VERITY_ERRNOS = frozenset({errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTTY})
 _NO_VERITY_DEVICES: set[int] = set()
 
 
+def _measure(fd: int) -> bytearray:
+    """FS_IOC_MEASURE_VERITY: the digest header and room for a 64-byte digest, filled."""
+    buf = bytearray(_MEASURE_HEADER.pack(0, 64) + bytes(64))
+    fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
+    return buf
+
+
 def measure_verity(fd: int, device: int | None = None) -> bytes | None:
     """The kernel's fs-verity digest of an open file, or None if verity is not enabled.
 
@@ -351,9 +355,8 @@ def measure_verity(fd: int, device: int | None = None) -> bytes | None:
     """
     if device is not None and device in _NO_VERITY_DEVICES:
         return None
-    buf = bytearray(_MEASURE_HEADER.pack(0, 64) + bytes(64))
     try:
-        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
+        buf = _measure(fd)
     except OSError as e:
         if e.errno in NO_VERITY_ERRNOS:
             if device is not None and e.errno != errno.ENODATA:
@@ -374,8 +377,7 @@ def verity_supported(path: str | os.PathLike[str]) -> bool:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        buf = bytearray(_MEASURE_HEADER.pack(0, 64) + bytes(64))
-        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, buf, True)
+        _measure(fd)
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY):
             return False
