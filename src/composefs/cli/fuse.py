@@ -102,11 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(PROG, f"invalid threads count {values.get('threads')}")
     basedirs = values["basedir"].split(":")
     for d in basedirs:
-        if not os.path.isdir(d):
-            return fail(
-                PROG,
-                f"Failed to open basedir {d}: {os.strerror(2 if not os.path.exists(d) else 20)}",
-            )
+        try:  # opened as the server will open it, to name the one at fault
+            os.close(os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        except OSError as e:
+            return fail(PROG, f"Failed to open basedir {d}: {e.strerror}")
 
     from composefs.fuse import Filesystem, FuseError, FuseOptions, load_image, serve
 

@@ -337,7 +337,9 @@ class Filesystem:
     def has_kept_object(self, nodeid: int) -> bool:
         """Whether opening this node is quick: its object is kept open, or it is known to
         have none (content inline)."""
-        nid = self._nid(nodeid)
+        return self._content_at_hand(self._nid(nodeid))
+
+    def _content_at_hand(self, nid: int) -> bool:
         if nid in self._objects:
             return True
         known = self._backing_files.get(nid)
@@ -425,9 +427,7 @@ class Filesystem:
             if served.obj.fd < 0:  # passed through: the kernel reads it, not us
                 raise OSError(errno.EIO, "read of a passed-through file")
             return served.obj.read(offset, size)
-        if handle.data is None:
-            return bytes(max(0, min(offset + size, handle.size) - offset))  # a file of holes
-        return handle.data[offset : offset + size]
+        return _inline_read(handle.data, handle.size, offset, size)
 
     def _read_inode(self, nid: int, offset: int, size: int) -> bytes:
         """A read of a file opened without us: its object is opened (and checked) at the
@@ -436,10 +436,7 @@ class Filesystem:
         if served is None:
             ino, payload, digest = self._regular_file(nid)
             if payload is None:
-                data = self._inline_content(ino)
-                if data is None:  # a file of holes
-                    return bytes(max(0, min(offset + size, ino.size) - offset))
-                return data[offset : offset + size]
+                return _inline_read(self._inline_content(ino), ino.size, offset, size)
             served = self._open_object(nid, payload, ino.size, digest)
         try:
             return served.obj.read(offset, size)
@@ -451,11 +448,7 @@ class Filesystem:
         """Whether this read must first open (and perhaps hash) its object."""
         if p.READ_IN.unpack_from(body)[0] != _NO_HANDLE:
             return False
-        nid = self._nid(nodeid)
-        if nid in self._objects:
-            return False
-        known = self._backing_files.get(nid)
-        return known is None or known[0] is not None
+        return not self._content_at_hand(self._nid(nodeid))
 
     def release(self, nodeid: int, body: memoryview) -> bytes:
         fh = p.RELEASE_IN.unpack_from(body)[0]
@@ -537,6 +530,13 @@ class Filesystem:
 
 def _malformed(image: Image, message: str, offset: int | None = None) -> FormatError:
     return FormatError(f"{image.name}: {message}", offset=offset)
+
+
+def _inline_read(data: bytes | None, file_size: int, offset: int, size: int) -> bytes:
+    """A read of content stored in the image; ``data`` None is a file of holes."""
+    if data is None:
+        return bytes(max(0, min(offset + size, file_size) - offset))
+    return data[offset : offset + size]
 
 
 def _sized(value: bytes, size: int) -> bytes:
