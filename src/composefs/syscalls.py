@@ -21,6 +21,8 @@ __all__ = [
     "MNT_DETACH",
     "MOUNT_ATTR_IDMAP",
     "MOUNT_ATTR_RDONLY",
+    "MS_NODEV",
+    "MS_NOSUID",
     "MS_RDONLY",
     "MS_SILENT",
     "FsContext",
@@ -29,6 +31,7 @@ __all__ = [
     "mount",
     "mount_setattr",
     "move_mount",
+    "open_beneath",
     "umount",
 ]
 
@@ -43,7 +46,6 @@ FSOPEN_CLOEXEC = 0x1
 FSMOUNT_CLOEXEC = 0x1
 FSCONFIG_SET_FLAG = 0
 FSCONFIG_SET_STRING = 1
-FSCONFIG_SET_FD = 5
 FSCONFIG_CMD_CREATE = 6
 
 MOUNT_ATTR_RDONLY = 0x00000001
@@ -127,9 +129,6 @@ class FsContext:
 
     def set_string(self, key: str, value: str | bytes) -> None:
         self._config(FSCONFIG_SET_STRING, key.encode(), _path(value), 0)
-
-    def set_fd(self, key: str, fd: int) -> None:
-        self._config(FSCONFIG_SET_FD, key.encode(), None, fd)
 
     def create(self) -> None:
         self._config(FSCONFIG_CMD_CREATE, None, None, 0)
