@@ -17,6 +17,8 @@ import errno
 import fcntl
 import itertools
 import os
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -121,13 +123,15 @@ class ObjectStore:
 class ObjectWriter:
     """Adds objects to a store; everything added becomes visible at :meth:`commit`."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, *, require_verity: bool = False) -> None:
         self.store = store
+        self.require_verity = require_verity  # a secure repository: see seal_object
         self._pending: dict[bytes, str] = {}  # digest -> temporary path
         # names present in each XX/ directory, listed once when first needed: far cheaper
         # than one lstat per file when most objects are already there
         self._present: dict[str, frozenset[str]] = {}
         self.added = 0
+        self.added_bytes = 0
         self.reused = 0
         self.token = os.urandom(6).hex()  # names this writer's temporary files
 
@@ -152,10 +156,11 @@ class ObjectWriter:
         if digest in self._pending or self.contains(digest):
             self.reused += 1
             return False
-        self.adopt(digest, stage_copy(os.fspath(self.store.path), src_fd, self.token))
+        tmp = stage_copy(os.fspath(self.store.path), src_fd, self.token)
+        self.adopt(digest, tmp, os.fstat(src_fd).st_size)
         return True
 
-    def adopt(self, digest: bytes, tmp: str) -> None:
+    def adopt(self, digest: bytes, tmp: str, size: int = 0) -> None:
         """Take over a temporary file staged by :func:`stage_copy` as object ``digest``."""
         if digest in self._pending:
             os.unlink(tmp)  # staged twice (by two workers): keep one
@@ -163,6 +168,7 @@ class ObjectWriter:
             return
         self._pending[digest] = tmp
         self.added += 1
+        self.added_bytes += size
 
     def commit(self) -> None:
         """Make staged objects durable (one syncfs), enable fs-verity, rename into place."""
@@ -177,8 +183,10 @@ class ObjectWriter:
         dirs: set[str] = set()
         verity = True
         for digest, tmp in self._pending.items():
-            if verity:
-                verity = _try_enable_verity(tmp)  # stop trying where it is unsupported
+            if self.require_verity:
+                seal_object(tmp, digest, required=True)
+            elif verity:
+                verity = seal_object(tmp, digest)  # stop trying where it is unsupported
             h = digest.hex()
             directory = os.path.join(root, h[:2])
             if directory not in dirs:
@@ -213,12 +221,86 @@ class ObjectWriter:
             self.abort()
 
 
-def _try_enable_verity(path: str) -> bool:
-    """Best effort, like the reference; False when the filesystem cannot do it."""
+def seal_object(path: str | os.PathLike[str], digest: bytes, *, required: bool = False) -> bool:
+    """Enable fs-verity on a finished object; False where the filesystem cannot.
+
+    Best effort, like the reference, unless ``required`` (a secure repository): then
+    fs-verity must be enabled and the kernel's measurement must equal ``digest``, which
+    also proves the content did not change between hashing and copying.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return fsverity.enable_verity(fd)
-    except OSError:
-        return True  # another reason (e.g. file busy): keep trying on later objects
+        try:
+            enabled = fsverity.enable_verity(fd)
+        except OSError:
+            if required:
+                raise
+            return True  # another reason (e.g. file busy): keep trying on later objects
+        if not required:
+            return enabled
+        measured = fsverity.measure_verity(fd) if enabled else None
     finally:
         os.close(fd)
+    if measured is None:
+        raise OSError(errno.EOPNOTSUPP, "fs-verity is required but cannot be enabled", path)
+    if measured != digest:
+        raise OSError(errno.EIO, "content changed while it was stored", path)
+    return True
+
+
+_CHECK_BATCH = 256
+
+CheckOutcome = tuple[bytes, bool] | str  # (digest, measured by the kernel) or why unreadable
+
+
+def _check_batch(root: str, names: list[str]) -> list[CheckOutcome]:
+    out: list[CheckOutcome] = []
+    for rel in names:
+        try:
+            fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as e:
+            out.append(e.strerror or str(e))
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                out.append("not a regular file")
+                continue
+            kernel = fsverity.measure_verity(fd, st.st_dev)
+            out.append((kernel, True) if kernel is not None else (fsverity.digest_fd(fd), False))
+        except OSError as e:
+            out.append(e.strerror or str(e))
+        finally:
+            os.close(fd)
+    return out
+
+
+def check_objects(
+    root: str | os.PathLike[str],
+    names: list[str],
+    *,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[str, CheckOutcome]]:
+    """The digest of every object ``root/XX/…`` named, in worker processes: the kernel's
+    measurement where the object has fs-verity (free, and binding), else computed."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = workers or os.cpu_count() or 1
+    batches = [names[i : i + _CHECK_BATCH] for i in range(0, len(names), _CHECK_BATCH)]
+    done = 0
+    if workers == 1 or len(batches) <= 1:
+        results: Iterator[list[CheckOutcome]] = (_check_batch(os.fspath(root), b) for b in batches)
+        for batch, outcomes in zip(batches, results, strict=True):
+            yield from zip(batch, outcomes, strict=True)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(names))
+        return
+    with ProcessPoolExecutor(workers, mp_context=fsverity._fork_context()) as pool:
+        futures = [pool.submit(_check_batch, os.fspath(root), b) for b in batches]
+        for batch, future in zip(batches, futures, strict=True):
+            yield from zip(batch, future.result(), strict=True)
+            done += len(batch)
+            if progress is not None:
+                progress(done, len(names))

@@ -7,7 +7,7 @@ import time
 from typing import TextIO
 
 
-def _size(n: float) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -42,10 +42,10 @@ class Progress:
             return
         self._last = now
         rate = done_bytes / max(now - self.start, 1e-9)
-        line = (
-            f"{self.label}: {done}/{total} files, {_size(done_bytes)}/{_size(total_bytes)}"
-            f" ({_size(rate)}/s)"
-        )
+        line = f"{self.label}: {done}/{total} files"
+        if total_bytes:
+            line += f", {human_size(done_bytes)}/{human_size(total_bytes)}"
+            line += f" ({human_size(rate)}/s)"
         self.stream.write("\r\x1b[K" + line)
         self.stream.flush()
         self._shown = True

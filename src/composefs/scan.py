@@ -63,6 +63,7 @@ class ScanStats:
     hashed_bytes: int = 0
     objects_added: int = 0
     objects_reused: int = 0
+    bytes_added: int = 0
 
 
 Progress = Callable[[ScanStats], None]  # called after each file is hashed
@@ -75,12 +76,16 @@ def scan_directory(
     *,
     progress: Progress | None = None,
     stats: ScanStats | None = None,
+    require_verity: bool = False,
 ) -> Tree:
-    """Read the tree below ``source`` (its root is ``source`` itself)."""
+    """Read the tree below ``source`` (its root is ``source`` itself).
+
+    ``require_verity`` (a secure repository) makes every new object's fs-verity mandatory.
+    """
     if options.skip_xattrs and options.user_xattrs:
         raise TreeError(errno.EINVAL, "skip_xattrs and user_xattrs exclude each other")
     stats = stats if stats is not None else ScanStats()
-    writer = store.writer() if store is not None else None
+    writer = ObjectWriter(store, require_verity=require_verity) if store is not None else None
     hasher = _Hasher(
         options.threads,
         os.fspath(store.path) if store is not None else None,
@@ -190,13 +195,22 @@ def _hash_file(path: bytes, store_dir: str | None, token: str) -> tuple[bytes, s
     try:
         # A file with fs-verity already carries its digest: the kernel's measurement is the
         # same value without reading the file.
-        device = os.fstat(fd).st_dev
-        digest = fsverity.measure_verity(fd, device) or fsverity.digest_fd(fd)
+        before = os.fstat(fd)
+        digest = fsverity.measure_verity(fd, before.st_dev) or fsverity.digest_fd(fd)
         if store_dir is None:
             return digest, None
         if os.path.lexists(os.path.join(store_dir, object_name(digest))):
             return digest, None
-        return digest, stage_copy(store_dir, fd, token)
+        staged = stage_copy(store_dir, fd, token)
+        # An object must hold exactly what its name says: a file written to while it was
+        # hashed or copied is refused (as tar does), not stored under a wrong name.
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+            before.st_size, before.st_mtime_ns, before.st_ctime_ns
+        ):  # fmt: skip
+            os.unlink(staged)
+            raise OSError(errno.EAGAIN, "file changed while it was read")
+        return digest, staged
     finally:
         os.close(fd)
 
@@ -286,7 +300,7 @@ def _hash_all(
         stats.hashed_bytes += node.size
         if writer is not None and node.content is None:
             if staged is not None:
-                writer.adopt(digest, staged)
+                writer.adopt(digest, staged, node.size)
             else:
                 writer.reused += 1
         if progress is not None:
@@ -295,3 +309,4 @@ def _hash_all(
         writer.commit()
         stats.objects_added = writer.added
         stats.objects_reused = writer.reused
+        stats.bytes_added = writer.added_bytes

@@ -28,9 +28,15 @@ def run_tool(
     parser: argparse.ArgumentParser,
     argv: Sequence[str] | None,
     run: Callable[[argparse.Namespace], int],
+    *,
+    intermixed: bool = True,
 ) -> int:
-    """Parse (options may follow operands, as with getopt) and run; usage errors exit 1."""
-    args = parser.parse_intermixed_args(argv)
+    """Parse (options may follow operands, as with getopt) and run; usage errors exit 1.
+
+    Parsers with subcommands cannot be parsed intermixed; each subcommand's own options
+    may still follow its operands.
+    """
+    args = parser.parse_intermixed_args(argv) if intermixed else parser.parse_args(argv)
     try:
         return run(args)
     except UsageError as e:
