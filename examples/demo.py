@@ -49,6 +49,7 @@ def main() -> int:
     print("\nObjects the image needs in its object store:")
     step("objects", [str(BIN / "composefs-info"), "objects", str(image)])
     from_directory()
+    repository()
     return 0
 
 
@@ -120,6 +121,38 @@ def fuse_mount(image: Path, objects: Path, mnt: Path) -> None:
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
     print(f"unmounted {mnt.relative_to(REPO)}")
+
+
+def repository() -> None:
+    """Two versions of the rootfs in one repository: the second stores only what changed."""
+    repo = OUT / "repo"
+    if repo.exists():
+        shutil.rmtree(repo)
+    cfsctl = [str(BIN / "cfsctl"), "--repo", str(repo)]
+    print("\nA repository: one object store for every image (composefs-rs's layout)")
+    step("init", [*cfsctl, "init"])
+    step("import", [*cfsctl, "import", "--use-epoch", str(OUT / "rootfs"), "--ref", "demo/v1"])
+    v2 = OUT / "rootfs-v2"
+    if v2.exists():
+        shutil.rmtree(v2)
+    shutil.copytree(OUT / "rootfs", v2, symlinks=True)
+    (v2 / "etc/motd").write_text("Version 2 of the image.\n" * 40)
+    print("\nVersion 2 changes one file; its import writes only that object:")
+    step("import", [*cfsctl, "import", "--json", "--use-epoch", str(v2), "--ref", "demo/v2"])
+    step("stats", [*cfsctl, "stats"])
+    step("fsck", [*cfsctl, "fsck"])
+    mnt = OUT / "mnt"
+    if os.geteuid() == 0:
+        print("\nMounting by ref: the image is checked against its id first.")
+        step("mount", [*cfsctl, "mount", "demo/v2", str(mnt)])
+        try:
+            step("read", ["head", "-n", "1", str(mnt / "etc/motd")])
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    print("\nDropping the v1 ref lets gc reclaim what only v1 used:")
+    step("ref rm", [*cfsctl, "ref", "rm", "demo/v1"])
+    step("gc", [*cfsctl, "gc"])
+    step("images", [*cfsctl, "images"])
 
 
 if __name__ == "__main__":

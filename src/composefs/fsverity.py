@@ -19,12 +19,8 @@ import hashlib
 import mmap
 import os
 import struct
-import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, BinaryIO
-
-if TYPE_CHECKING:
-    import multiprocessing.context
+from typing import BinaryIO
 
 BLOCK_SIZE = 4096
 DIGEST_SIZE = 32
@@ -254,15 +250,6 @@ def _hash_file_range(fd: int, start: int, end: int) -> bytes:
             view.release()
 
 
-def _fork_context() -> multiprocessing.context.BaseContext:
-    import multiprocessing
-
-    # fork is cheapest, but forking a process that runs other threads is unsafe.
-    if threading.active_count() == 1:
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("forkserver")
-
-
 def digest_fd(fd: int, *, workers: int = 1, empty_quirk: bool = False) -> bytes:
     """fs-verity digest of the whole content of an open regular file.
 
@@ -274,9 +261,9 @@ def digest_fd(fd: int, *, workers: int = 1, empty_quirk: bool = False) -> bytes:
     if workers > 1 and full >= PARALLEL_MIN_SIZE:
         step = -(-full // workers // BLOCK_SIZE) * BLOCK_SIZE
         bounds = [(s, min(s + step, full)) for s in range(0, full, step)]
-        from concurrent.futures import ProcessPoolExecutor
+        from composefs.workers import process_pool
 
-        with ProcessPoolExecutor(len(bounds), mp_context=_fork_context()) as pool:
+        with process_pool(len(bounds)) as pool:
             futures = [pool.submit(_hash_file_range_path, _fd_path(fd), s, e) for s, e in bounds]
             for (s, e), fut in zip(bounds, futures, strict=True):
                 hasher.update_block_hashes(fut.result(), e - s)

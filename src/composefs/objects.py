@@ -284,7 +284,7 @@ def check_objects(
 ) -> Iterator[tuple[str, CheckOutcome]]:
     """The digest of every object ``root/XX/…`` named, in worker processes: the kernel's
     measurement where the object has fs-verity (free, and binding), else computed."""
-    from concurrent.futures import ProcessPoolExecutor
+    from composefs.workers import process_pool
 
     workers = workers or os.cpu_count() or 1
     batches = [names[i : i + _CHECK_BATCH] for i in range(0, len(names), _CHECK_BATCH)]
@@ -297,7 +297,7 @@ def check_objects(
             if progress is not None:
                 progress(done, len(names))
         return
-    with ProcessPoolExecutor(workers, mp_context=fsverity._fork_context()) as pool:
+    with process_pool(workers) as pool:
         futures = [pool.submit(_check_batch, os.fspath(root), b) for b in batches]
         for batch, future in zip(batches, futures, strict=True):
             yield from zip(batch, future.result(), strict=True)

@@ -314,9 +314,9 @@ class Repository:
         Only what the repository's own links say is believed: each link must have exactly
         the form this repository writes, so nothing outside ``objects/`` can be reached.
         """
-        if is_image_id(name):
-            self._image_link(name)
-            return name
+        if is_image_id(name.lower()):
+            self._image_link(name.lower())
+            return name.lower()
         ref = check_ref_name(name)
         link = self.refs_dir / ref
         try:
@@ -521,6 +521,12 @@ class Repository:
                 external.setdefault(node.payload, []).append((path, node))
         writer = ObjectWriter(ObjectStore(self.objects, create=False), require_verity=self.secure)
         done = 0
+        store_fd = -1
+        if objects_from is not None:
+            try:
+                store_fd = os.open(objects_from, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise RepositoryError(f"{objects_from}: {e.strerror}") from None
         try:
             for payload, users in external.items():
                 path, node = users[0]
@@ -530,11 +536,11 @@ class Repository:
                     if digest is None or not writer.contains(digest):
                         raise RepositoryError(
                             f"{source}: {_show(path)}: object {_show(payload)} is not in the "
-                            "repository (give the object directory it comes from)"
+                            "repository (import with --objects DIR to copy it from there)"
                         )
                 else:
                     digest, staged = _read_object(
-                        Path(objects_from), payload, writer, source, path, recorded
+                        Path(objects_from), store_fd, payload, writer, source, path, recorded
                     )
                     if staged is not None:
                         writer.adopt(digest, staged, node.size)
@@ -551,6 +557,9 @@ class Repository:
         except BaseException:
             writer.abort()
             raise
+        finally:
+            if store_fd >= 0:
+                os.close(store_fd)
         return writer.added, writer.reused, writer.added_bytes
 
     def _commit_tree(self, tree: Tree, ref: str | None) -> ImportResult:
@@ -609,29 +618,32 @@ class Repository:
         The image is always checked against its id before it is mounted, so a ref can
         never mount bytes other than those the repository wrote.
         """
+        if fuse:
+            with self.lock():
+                image_id, path = self.image_file(name)
+                data = path.read_bytes()  # the server's private copy: checked, then immutable
+            if fsverity.digest(data).hex() != image_id:
+                raise RepositoryError(f"image {image_id}: content does not match its id (run fsck)")
+            # served without the lock: the server may run for months, and gc must not wait
+            self._serve_fuse(image_id, data, mountpoint, foreground)
+            return image_id
+        from composefs.mount import MountOptions
+        from composefs.mount import mount as kernel_mount
+
         with self.lock():
             image_id, path = self.image_file(name)
-            if fuse:
-                self._mount_fuse(image_id, path, mountpoint, foreground)
-            else:
-                from composefs.mount import MountOptions
-                from composefs.mount import mount as kernel_mount
-
-                options = MountOptions(
-                    basedirs=(os.fspath(self.objects),), digest=image_id, verity=self.secure
-                )
-                kernel_mount(path, mountpoint, options)
+            options = MountOptions(
+                basedirs=(os.fspath(self.objects),), digest=image_id, verity=self.secure
+            )
+            kernel_mount(path, mountpoint, options)
         return image_id
 
-    def _mount_fuse(
-        self, image_id: str, path: Path, mountpoint: str | os.PathLike[str], foreground: bool
+    def _serve_fuse(
+        self, image_id: str, data: bytes, mountpoint: str | os.PathLike[str], foreground: bool
     ) -> None:
         from composefs.erofs.reader import Image
         from composefs.fuse import serve
 
-        data = path.read_bytes()  # the server's private copy: checked once, then immutable
-        if fsverity.digest(data).hex() != image_id:
-            raise RepositoryError(f"image {image_id}: content does not match its id (run fsck)")
         serve(
             Image(data, name=image_id),
             mountpoint,
@@ -965,6 +977,7 @@ def _digest_of_name(payload: bytes) -> bytes | None:
 
 def _read_object(
     store: Path,
+    store_fd: int,
     payload: bytes,
     writer: ObjectWriter,
     source: str,
@@ -973,11 +986,12 @@ def _read_object(
 ) -> tuple[bytes, str | None]:
     """Digest of ``store/payload`` (checked against ``recorded``) and a staged copy of it
     unless the repository has it already."""
+    from composefs.syscalls import open_beneath
+
     rel = payload.lstrip(b"/")
-    if b"/../" in b"/" + rel + b"/":
-        raise RepositoryError(f"{source}: {_show(path)}: object path {_show(payload)} escapes")
     try:
-        fd = os.open(store / os.fsdecode(rel), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        # beneath the store, whatever the payload or symlinks in the store say
+        fd = open_beneath(store_fd, rel, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise RepositoryError(
             f"{source}: {_show(path)}: object {store}/{_show(rel)}: {e.strerror}"

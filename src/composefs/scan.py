@@ -278,9 +278,9 @@ class _Hasher:
 
 
 def _process_pool(workers: int) -> Executor:
-    from concurrent.futures import ProcessPoolExecutor
+    from composefs.workers import process_pool
 
-    return ProcessPoolExecutor(workers, mp_context=fsverity._fork_context())
+    return process_pool(workers)
 
 
 def _hash_all(
