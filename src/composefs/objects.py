@@ -76,19 +76,22 @@ def copy_file(src_fd: int, dst_fd: int) -> None:
 _tmp_counter = itertools.count()
 
 
+def _new_temporary(store_dir: str, token: str) -> tuple[int, str]:
+    while True:
+        tmp = os.path.join(store_dir, f".tmp-{token}-{os.getpid()}-{next(_tmp_counter)}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue
+
+
 def stage_copy(store_dir: str, src_fd: int, token: str) -> str:
     """Copy ``src_fd`` into a new temporary file in the store; returns its path.
 
     Any process may call this (the scan's workers do).  The name carries the writer's
     ``token``, so that :meth:`ObjectWriter.abort` can remove every file a failed run staged.
     """
-    while True:
-        tmp = os.path.join(store_dir, f".tmp-{token}-{os.getpid()}-{next(_tmp_counter)}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            break
-        except FileExistsError:
-            continue
+    fd, tmp = _new_temporary(store_dir, token)
     try:
         copy_file(src_fd, fd)
         os.fchmod(fd, OBJECT_MODE)
@@ -159,6 +162,39 @@ class ObjectWriter:
         tmp = stage_copy(os.fspath(self.store.path), src_fd, self.token)
         self.adopt(digest, tmp, os.fstat(src_fd).st_size)
         return True
+
+    def add_stream(self, read: Callable[[int], bytes], size: int) -> bytes:
+        """Store exactly ``size`` bytes from ``read`` (a tar member, a download), hashing
+        them on the way through; returns their digest.  Nothing is buffered whole.
+
+        The content is written before its name is known, so an object already present
+        costs the write of a temporary file (removed at once), not a second read.
+        """
+        fd, tmp = _new_temporary(os.fspath(self.store.path), self.token)
+        hasher = fsverity.FsVerityHasher()
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as out:
+                left = size
+                while left:
+                    chunk = read(min(left, 1 << 20))
+                    if not chunk:
+                        raise OSError(errno.EIO, f"content ends {left} bytes early")
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    left -= len(chunk)
+            os.fchmod(fd, OBJECT_MODE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        digest = hasher.digest()
+        if digest in self._pending or self.contains(digest):
+            os.unlink(tmp)
+            self.reused += 1
+        else:
+            self.adopt(digest, tmp, size)
+        return digest
 
     def adopt(self, digest: bytes, tmp: str, size: int = 0) -> None:
         """Take over a temporary file staged by :func:`stage_copy` as object ``digest``."""

@@ -1,0 +1,1 @@
+"""OCI images: layers applied into a tree, image layouts and archives, registries."""
