@@ -14,6 +14,7 @@ from composefs import fsverity
 from composefs.dumpfile import dumps
 from composefs.erofs.writer import build_image
 from composefs.objects import ObjectStore, ObjectWriter
+from composefs.oci.compression import DecompressionError, open_layer
 from composefs.oci.layer import LayerError, apply_layer, new_tree
 from composefs.scan import ScanOptions, scan_directory
 from composefs.tree import Tree
@@ -188,3 +189,52 @@ def test_layer_image_equals_directory_image(tmp_path: Path) -> None:
             node.size = 0  # a directory's st_size is the source filesystem's, not content
     assert dumps(tree).decode().splitlines() == dumps(scanned).decode().splitlines()
     assert build_image(tree) == build_image(scanned)
+
+
+# -- compressed layers ---------------------------------------------------------------------
+
+
+def _layer_bytes() -> bytes:
+    return _tar(
+        [_dir("d"), _file("d/f", os.urandom(20000)), _file("d/g", b"x" * 100000)]
+    ).getvalue()
+
+
+@pytest.mark.parametrize("kind", ["tar", "gzip", "gzip-multi", "zstd"])
+def test_layers_decompress_by_their_magic(tmp_path: Path, kind: str) -> None:
+    import gzip
+
+    import zstandard
+
+    raw = _layer_bytes()
+    blob = {
+        "tar": lambda: raw,
+        "gzip": lambda: gzip.compress(raw),
+        "gzip-multi": lambda: gzip.compress(raw[:7000]) + gzip.compress(raw[7000:]),
+        "zstd": lambda: zstandard.ZstdCompressor().compress(raw),
+    }[kind]()
+    stream = open_layer(io.BytesIO(blob), name="layer")
+    assert stream.read() == raw
+
+
+def test_gzip_bomb_is_stopped_before_it_is_stored(tmp_path: Path) -> None:
+    import gzip
+
+    bomb = gzip.compress(_tar([_file("zeros", bytes(300 << 20))]).getvalue(), 9)
+    tree = new_tree()
+    writer = ObjectWriter(ObjectStore(tmp_path / "s"))
+    with pytest.raises(DecompressionError, match="bomb"):
+        apply_layer(tree, open_layer(io.BytesIO(bomb), name="bomb.tar.gz"), writer, name="x")
+    writer.abort()
+    assert not [p for p in (tmp_path / "s").rglob("*") if p.is_file()]
+
+
+def test_truncated_and_corrupt_gzip(tmp_path: Path) -> None:
+    import gzip
+
+    blob = gzip.compress(_layer_bytes())
+    with pytest.raises(DecompressionError, match="ends early"):
+        open_layer(io.BytesIO(blob[: len(blob) // 2]), name="l").read()
+    bad = blob[:20] + bytes(200) + blob[220:]
+    with pytest.raises(DecompressionError, match="corrupt gzip"):
+        open_layer(io.BytesIO(bad), name="l").read()
