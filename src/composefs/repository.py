@@ -532,6 +532,7 @@ class Repository:
                             f"{source}: {_show(path)}: object {_show(payload)} is not in the "
                             "repository (give the object directory it comes from)"
                         )
+                    writer.reused += 1
                 else:
                     digest, staged = _read_object(
                         Path(objects_from), payload, writer, source, path, recorded
