@@ -49,7 +49,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from composefs import fsverity
 from composefs.errors import ComposefsError, FormatError
@@ -64,6 +64,9 @@ from composefs.objects import (
     stage_copy,
 )
 from composefs.tree import S_IFMT, S_IFREG, Inode, Tree
+
+if TYPE_CHECKING:
+    from composefs.erofs.reader import Image
 
 FORMAT_VERSION = 1
 ALGORITHM = "fsverity-sha256-12"
@@ -608,13 +611,13 @@ class Repository:
         """Mount an image of this repository (kernel, or FUSE); returns its id.
 
         The image is always checked against its id before it is mounted, so a ref can
-        never mount bytes other than those the repository wrote.
+        never mount bytes other than those the repository wrote.  A FUSE server is started
+        after the lock is released: it runs for as long as the mount lives (a daemon forked
+        from this process would otherwise hold the lock, and gc wait, until unmounted).
         """
         with self.lock():
             image_id, path = self.image_file(name)
-            if fuse:
-                self._mount_fuse(image_id, path, mountpoint, foreground)
-            else:
+            if not fuse:
                 from composefs.mount import MountOptions
                 from composefs.mount import mount as kernel_mount
 
@@ -622,23 +625,22 @@ class Repository:
                     basedirs=(os.fspath(self.objects),), digest=image_id, verity=self.secure
                 )
                 kernel_mount(path, mountpoint, options)
-        return image_id
-
-    def _mount_fuse(
-        self, image_id: str, path: Path, mountpoint: str | os.PathLike[str], foreground: bool
-    ) -> None:
-        from composefs.erofs.reader import Image
+                return image_id
+            image = self._verified_image(image_id, path)
         from composefs.fuse import serve
 
-        data = path.read_bytes()  # the server's private copy: checked once, then immutable
+        serve(image, mountpoint, [os.fspath(self.objects)], daemonize=not foreground)
+        return image_id
+
+    def _verified_image(self, image_id: str, path: Path) -> Image:
+        """The image, read into memory (the server's private copy: checked once, then
+        immutable) and checked against its id."""
+        from composefs.erofs.reader import Image
+
+        data = path.read_bytes()
         if fsverity.digest(data).hex() != image_id:
             raise RepositoryError(f"image {image_id}: content does not match its id (run fsck)")
-        serve(
-            Image(data, name=image_id),
-            mountpoint,
-            [os.fspath(self.objects)],
-            daemonize=not foreground,
-        )
+        return Image(data, name=image_id)
 
     # -- garbage collection --------------------------------------------------------------------
 
