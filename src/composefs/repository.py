@@ -199,7 +199,7 @@ class RepositoryStats:
     stored_bytes: int = 0
     content_bytes: int = 0  # regular-file content of all images, every copy counted
     referenced_bytes: int = 0  # distinct objects the images use
-    saved_bytes: int = 0  # content_bytes - referenced_bytes: what sharing saves
+    saved_bytes: int = 0  # content kept in objects, every copy counted, less referenced_bytes
     unreferenced_objects: int = 0  # neither an image nor used by one: what gc frees
     unreferenced_bytes: int = 0
 
@@ -443,7 +443,7 @@ class Repository:
 
     def image_objects(self, image_id: str) -> dict[str, int]:
         """The objects an image uses: ``XX/<62 hex>`` -> size."""
-        return _image_usage(self.object_path(image_id))[2]
+        return _image_usage(self.object_path(image_id))[3]
 
     # -- importing -----------------------------------------------------------------------------
 
@@ -538,6 +538,7 @@ class Repository:
                             f"{source}: {_show(path)}: object {_show(payload)} is not in the "
                             "repository (import with --objects DIR to copy it from there)"
                         )
+                    writer.reused += 1
                 else:
                     digest, staged = _read_object(
                         Path(objects_from), store_fd, payload, writer, source, path, recorded
@@ -616,7 +617,9 @@ class Repository:
         """Mount an image of this repository (kernel, or FUSE); returns its id.
 
         The image is always checked against its id before it is mounted, so a ref can
-        never mount bytes other than those the repository wrote.
+        never mount bytes other than those the repository wrote.  A FUSE server is started
+        after the lock is released: it runs for as long as the mount lives (a daemon forked
+        from this process would otherwise hold the lock, and gc wait, until unmounted).
         """
         if fuse:
             with self.lock():
@@ -812,7 +815,7 @@ class Repository:
                     result.repaired.append(f"removed {rel} (its object is gone)")
                 continue
             try:
-                _files, _bytes, objects = _image_usage(path)
+                _files, _bytes, _external, objects = _image_usage(path)
             except (OSError, FormatError) as e:
                 result.problems.append(Problem("image-unreadable", rel, _reason(e)))
                 continue
@@ -845,7 +848,7 @@ class Repository:
         """What every image uses, what it shares, and what sharing saves."""
         with self.lock():
             entries = self.images()
-            usage: dict[str, tuple[int, int, dict[str, int]]] = {}
+            usage: dict[str, tuple[int, int, int, dict[str, int]]] = {}
             for entry in entries:
                 try:
                     usage[entry.id] = _image_usage(self.object_path(entry.id))
@@ -854,22 +857,24 @@ class Repository:
                         f"image {entry.id} cannot be read ({_reason(e)}): run fsck"
                     ) from None
             users: dict[str, int] = {}
-            for _f, _b, objects in usage.values():
+            for _f, _b, _e, objects in usage.values():
                 for o in objects:
                     users[o] = users.get(o, 0) + 1
             out = RepositoryStats([])
             referenced: dict[str, int] = {}
+            external = 0  # content in objects, every copy counted; inline content is not
             for entry in entries:
-                files, content, objects = usage[entry.id]
+                files, content, in_objects, objects = usage[entry.id]
                 s = ImageStats(entry.id, entry.refs, files, content, len(objects))
                 s.referenced_bytes = sum(objects.values())
                 s.unique_bytes = sum(size for o, size in objects.items() if users[o] == 1)
                 s.shared_bytes = s.referenced_bytes - s.unique_bytes
                 out.images.append(s)
                 out.content_bytes += content
+                external += in_objects
                 referenced.update(objects)
             out.referenced_bytes = sum(referenced.values())
-            out.saved_bytes = out.content_bytes - out.referenced_bytes
+            out.saved_bytes = external - out.referenced_bytes
             in_use = set(referenced) | {f"{i[:2]}/{i[2:]}" for i in usage}
             for rel, st in self._object_files():
                 out.objects += 1
@@ -993,6 +998,11 @@ def _read_object(
         # beneath the store, whatever the payload or symlinks in the store say
         fd = open_beneath(store_fd, rel, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
+        if e.errno in (errno.EXDEV, errno.ELOOP):
+            raise RepositoryError(
+                f"{source}: {_show(path)}: object path {_show(payload)} escapes {store} "
+                "(or goes through a symlink)"
+            ) from None
         raise RepositoryError(
             f"{source}: {_show(path)}: object {store}/{_show(rel)}: {e.strerror}"
         ) from None
@@ -1018,13 +1028,14 @@ def _read_object(
         os.close(fd)
 
 
-def _image_usage(path: Path) -> tuple[int, int, dict[str, int]]:
-    """(regular files, their content bytes, objects used: ``XX/<62 hex>`` -> size)."""
+def _image_usage(path: Path) -> tuple[int, int, int, dict[str, int]]:
+    """(regular files, their content bytes, the part of it in objects (every copy
+    counted), objects used: ``XX/<62 hex>`` -> size)."""
     from composefs.erofs.reader import Image
 
     with Image(path) as image:
         tree = image.to_tree()
-    files = content = 0
+    files = content = external = 0
     objects: dict[str, int] = {}
     seen: set[int] = set()
     for _path, node in tree.walk():
@@ -1035,4 +1046,5 @@ def _image_usage(path: Path) -> tuple[int, int, dict[str, int]]:
         content += node.size
         if node.content is None and node.payload is not None and node.size > 0:
             objects[node.payload.lstrip(b"/").decode("ascii", "replace")] = node.size
-    return files, content, objects
+            external += node.size
+    return files, content, external, objects

@@ -66,9 +66,7 @@ class _Decompressed(io.RawIOBase):
             import zstandard
 
             source: Any = self.input  # a readable stream, as stream_reader wants
-            self.zstd = zstandard.ZstdDecompressor().stream_reader(
-                source, read_across_frames=True
-            )
+            self.zstd = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
 
     def readable(self) -> bool:
         return True
