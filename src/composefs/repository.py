@@ -743,7 +743,7 @@ class Repository:
         names: list[str] = []
         for d in sorted(os.listdir(self.objects)) if self.objects.is_dir() else []:
             full = self.objects / d
-            if d.startswith(TEMP_PREFIX) or d == QUARANTINE:
+            if d.startswith(TEMP_PREFIX):
                 continue
             if not _OBJECT_DIR.fullmatch(d) or not full.is_dir() or full.is_symlink():
                 result.problems.append(Problem("stray-file", f"objects/{d}", "not an object"))
@@ -905,6 +905,8 @@ def _metadata_json() -> dict[str, Any]:
 def _read_metadata(path: Path) -> _Metadata:
     """Open and check ``meta.json``: one clear error for every way it can be unusable."""
     meta_path = path / METADATA
+    if path.exists() and not path.is_dir():
+        raise RepositoryError(f"{path}: not a directory")
     try:
         fd = os.open(meta_path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:

@@ -167,9 +167,16 @@ def _init(a: argparse.Namespace) -> int:
 
 
 def _import(repo: Any, a: argparse.Namespace) -> int:
+    gc.disable()  # building allocates many objects and frees none
+    try:
+        return _import_unmanaged(repo, a)
+    finally:
+        gc.enable()  # main() may run inside a longer-lived process
+
+
+def _import_unmanaged(repo: Any, a: argparse.Namespace) -> int:
     from composefs.progress import Progress
 
-    gc.disable()  # building allocates many objects and frees none
     if a.objects and not (a.dump or a.image):
         raise UsageError(f"{PROG}: --objects goes with --dump or --image")
     bar = Progress("importing")
