@@ -15,7 +15,13 @@ from composefs.dumpfile import dumps
 from composefs.erofs.writer import build_image
 from composefs.objects import ObjectStore, ObjectWriter
 from composefs.oci.compression import DecompressionError, open_layer
-from composefs.oci.layer import LayerError, apply_layer, new_tree
+from composefs.oci.layer import (
+    LayerError,
+    apply_layer,
+    apply_record,
+    new_tree,
+    record_objects,
+)
 from composefs.scan import ScanOptions, scan_directory
 from composefs.tree import Tree
 
@@ -238,3 +244,39 @@ def test_truncated_and_corrupt_gzip(tmp_path: Path) -> None:
     bad = blob[:20] + bytes(200) + blob[220:]
     with pytest.raises(DecompressionError, match="corrupt gzip"):
         open_layer(io.BytesIO(bad), name="l").read()
+
+
+# -- layer records ---------------------------------------------------------------------------
+
+
+def test_a_layer_record_replays_the_layer_without_its_content(tmp_path: Path) -> None:
+    lower = [_dir("a"), _file("a/big", os.urandom(9000)), _file("a/small", b"s"),
+             _entry("a/link", tarfile.SYMTYPE, linkname="/etc/x"),
+             _entry("a/hard", tarfile.LNKTYPE, linkname="a/big")]  # fmt: skip
+    x = _info("a/x")
+    x.pax_headers = {"SCHILY.xattr.user.k": "v"}
+    upper = [(x, os.urandom(7000)), _file("a/.wh.small", b"")]
+    direct, _writer = _apply(tmp_path / "s", lower, upper)
+    replayed = new_tree()
+    records = []
+    writer = ObjectWriter(ObjectStore(tmp_path / "s2"))
+    for layer in (lower, upper):
+        out = io.BytesIO()
+        apply_layer(new_tree(), _tar(layer), writer, name="x", record=out)
+        records.append(out.getvalue())
+    big = lower[1][1]
+    assert big is not None and big[:100] not in records[0]  # content stays out
+    for i, rec in enumerate(records):
+        apply_record(replayed, rec, name=f"record{i}")
+    assert dumps(replayed) == dumps(direct)
+    assert record_objects(records[0]) == {fsverity.digest(big)}
+
+
+def test_a_layer_cannot_claim_content_by_digest(tmp_path: Path) -> None:
+    """The record's digest header is honoured in records only, never in a layer."""
+    f = _info("f")
+    f.pax_headers = {"COMPOSEFS.digest": "00" * 32, "COMPOSEFS.size": "100"}
+    tree, _ = _apply(tmp_path / "s", [(f, b"real content")])
+    node = tree.lookup(b"/f")
+    assert node is not None and node.content == b"real content"
+    assert node.digest == fsverity.digest(b"real content")

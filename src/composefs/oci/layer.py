@@ -19,7 +19,10 @@ the OCI image spec's (``layer.md``), with the safety of tarfile's ``data`` filte
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import errno
+import io
 import os
 import stat
 import tarfile
@@ -35,6 +38,9 @@ INLINE_MAX = 64  # as mkcomposefs: smaller files live in the image
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 _XATTR_PAX = "SCHILY.xattr."
+# In a layer record (never in a layer: a layer's own headers are not trusted with this)
+_RECORD_DIGEST = "COMPOSEFS.digest"
+_RECORD_SIZE = "COMPOSEFS.size"
 
 
 class LayerError(ComposefsError):
@@ -47,9 +53,10 @@ def new_tree() -> Tree:
 
 
 class _Applier:
-    def __init__(self, tree: Tree, writer: ObjectWriter, layer: str) -> None:
+    def __init__(self, tree: Tree, writer: ObjectWriter | None, layer: str) -> None:
         self.tree = tree
         self.writer = writer
+        self.from_record = writer is None
         self.layer = layer
         self.added: set[bytes] = set()  # paths this layer put there: its whiteouts spare them
 
@@ -102,16 +109,17 @@ class _Applier:
                     stack.append(child)
         raise AssertionError("a hard-linked inode with no name left")
 
-    def apply(self, member: tarfile.TarInfo, read: Callable[[int], bytes]) -> None:
+    def apply(self, member: tarfile.TarInfo, read: Callable[[int], bytes]) -> Inode | None:
+        """Apply one entry; returns the inode it made, if any."""
         parts = self.clean_path(member.name)
         if not parts:  # the root itself
             if member.isdir():
                 self.set_metadata(self.tree.root, member)
-            return
+            return None
         base = parts[-1]
         if base.startswith(WHITEOUT.encode()):
             self.whiteout(member.name, parts)
-            return
+            return None
         parent = self.parent_of(member.name, parts, create=True)
         assert parent.entries is not None
         path = b"/".join(parts)
@@ -126,20 +134,21 @@ class _Applier:
             if target.entries is not None:
                 raise self.fail(member.name, "hard link to a directory")
             if existing is target:
-                return
+                return None
             if existing is not None:
                 self.remove(parent, base)
             self.add(parent, base, target, path)
             target.nlink += 1
-            return
+            return None
         if existing is not None and existing.entries is not None and member.isdir():
             self.set_metadata(existing, member)  # a directory again: keeps its entries
             self.added.add(path)
-            return
+            return None
         node = self.make_inode(member, read)
         if existing is not None:
             self.remove(parent, base)
         self.add(parent, base, node, path)
+        return node
 
     def add(self, parent: Inode, name: bytes, node: Inode, path: bytes) -> None:
         try:
@@ -191,6 +200,13 @@ class _Applier:
             node.size = len(node.payload)
         elif ftype in (stat.S_IFCHR, stat.S_IFBLK):
             node.rdev = os.makedev(m.devmajor, m.devminor)
+        elif ftype == stat.S_IFREG and self.from_record and _RECORD_DIGEST in m.pax_headers:
+            try:
+                node.size = int(m.pax_headers[_RECORD_SIZE])
+                node.digest = bytes.fromhex(m.pax_headers[_RECORD_DIGEST])
+            except (KeyError, ValueError):
+                raise self.fail(m.name, "bad layer record entry") from None
+            node.payload = object_name(node.digest).encode()
         elif ftype == stat.S_IFREG and m.size:
             node.size = m.size
             try:
@@ -200,6 +216,7 @@ class _Applier:
                         raise OSError(errno.EIO, "content ends early")
                     node.digest = fsverity.digest(node.content)
                 else:
+                    assert self.writer is not None
                     node.digest = self.writer.add_stream(read, m.size)
             except OSError as e:
                 raise self.fail(m.name, e.strerror or str(e)) from None
@@ -228,20 +245,76 @@ class _Applier:
                     raise self.fail(m.name, e.describe()) from None
 
 
-def apply_layer(tree: Tree, stream: IO[bytes], writer: ObjectWriter, *, name: str) -> None:
+def apply_layer(
+    tree: Tree,
+    stream: IO[bytes],
+    writer: ObjectWriter,
+    *,
+    name: str,
+    record: IO[bytes] | None = None,
+) -> None:
     """Apply one uncompressed layer tar ``stream`` on top of ``tree``; file content goes
-    into ``writer`` (committed by the caller once every layer is in)."""
+    into ``writer`` (committed by the caller once every layer is in).
+
+    With ``record``, a *layer record* is written there: the layer's tar headers alone,
+    each file stored as an object named by a PAX record instead of its content.  It is a
+    few percent of the layer, and :func:`apply_record` replays it without the layer.
+    """
     applier = _Applier(tree, writer, name)
     try:
-        with tarfile.open(fileobj=stream, mode="r|", errorlevel=2) as tar:
+        with contextlib.ExitStack() as stack:
+            out = None
+            if record is not None:
+                out = stack.enter_context(
+                    tarfile.open(fileobj=record, mode="w|", format=tarfile.PAX_FORMAT)
+                )
+            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|", errorlevel=2))
             for member in tar:
                 fileobj = tar.extractfile(member) if member.isreg() else None
                 read = fileobj.read if fileobj is not None else _no_content
-                applier.apply(member, read)
+                node = applier.apply(member, read)
+                if out is not None:
+                    _record(out, member, node)
     except tarfile.TarError as e:
         raise LayerError(f"{name}: not a valid tar stream: {e}") from None
     except EOFError:
         raise LayerError(f"{name}: the tar stream ends early") from None
+
+
+def _record(out: tarfile.TarFile, member: tarfile.TarInfo, node: Inode | None) -> None:
+    entry = copy.copy(member)
+    entry.pax_headers = {k: v for k, v in member.pax_headers.items() if k != "size"}
+    if member.isreg() and node is not None and node.content is not None:
+        out.addfile(entry, io.BytesIO(node.content))
+        return
+    if member.isreg() and node is not None and node.digest is not None:
+        entry.pax_headers[_RECORD_DIGEST] = node.digest.hex()
+        entry.pax_headers[_RECORD_SIZE] = str(node.size)
+    entry.size = 0
+    out.addfile(entry)
+
+
+def record_objects(record: bytes) -> set[bytes]:
+    """The digests of the objects a layer record names (to check they are all present)."""
+    found = set()
+    with tarfile.open(fileobj=io.BytesIO(record), mode="r:") as tar:
+        for member in tar:
+            digest = member.pax_headers.get(_RECORD_DIGEST)
+            if digest is not None:
+                found.add(bytes.fromhex(digest))
+    return found
+
+
+def apply_record(tree: Tree, record: bytes, *, name: str) -> None:
+    """Replay a layer record made by :func:`apply_layer` (its objects must be present)."""
+    applier = _Applier(tree, None, name)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(record), mode="r:") as tar:
+            for member in tar:
+                fileobj = tar.extractfile(member) if member.isreg() else None
+                applier.apply(member, fileobj.read if fileobj is not None else _no_content)
+    except (tarfile.TarError, EOFError) as e:
+        raise LayerError(f"{name}: damaged layer record: {e}") from None
 
 
 def _no_content(_n: int) -> bytes:
