@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from composefs import fsverity
 from composefs.errors import ComposefsError, FormatError
@@ -68,6 +69,8 @@ from composefs.tree import S_IFMT, S_IFREG, Inode, Tree
 FORMAT_VERSION = 1
 ALGORITHM = "fsverity-sha256-12"
 METADATA = "meta.json"
+OCI_REFS = "oci/refs"
+OCI_LAYERS = "oci/layers"
 QUARANTINE = "quarantine"  # where fsck --repair moves damaged objects (not in composefs-rs)
 TEMP_PREFIX = ".tmp-"
 
@@ -121,6 +124,20 @@ def check_ref_name(name: str) -> str:
     ):
         raise RepositoryError(f"invalid ref name '{name}'")
     return name
+
+
+def quote_ref(name: str) -> str:
+    """An OCI ref name as one file name: ``/`` and ``%`` percent-encoded (as composefs-rs)."""
+    if not name or "\0" in name or name in (".", "..") or name.startswith(TEMP_PREFIX):
+        raise RepositoryError(f"invalid OCI ref name '{name}'")
+    return quote(name, safe=":@+,=!~*'()[]$&;")
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        return []
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -472,7 +489,7 @@ class Repository:
                 stats=stats,
                 require_verity=self.secure,
             )
-            result = self._commit_tree(tree, ref)
+            result = self.commit_tree(tree, ref)
         result.objects_added = stats.objects_added
         result.objects_reused = stats.objects_reused
         result.bytes_added = stats.bytes_added
@@ -500,7 +517,7 @@ class Repository:
             ref = check_ref_name(ref)
         with self.lock():
             counts = self._gather_objects(tree, objects_from, source, progress)
-            result = self._commit_tree(tree, ref)
+            result = self.commit_tree(tree, ref)
         result.objects_added, result.objects_reused, result.bytes_added = counts
         return result
 
@@ -563,37 +580,38 @@ class Repository:
                 os.close(store_fd)
         return writer.added, writer.reused, writer.added_bytes
 
-    def _commit_tree(self, tree: Tree, ref: str | None) -> ImportResult:
+    def commit_tree(self, tree: Tree, ref: str | None = None) -> ImportResult:
         """Write the image of ``tree`` as an object, list it, and point ``ref`` at it.
         The caller holds the lock and has made every object the tree uses durable."""
         from composefs.erofs.writer import build_image
 
         files = sum(1 for _p, n in tree.walk() if n.mode & S_IFMT == S_IFREG)
         image = build_image(tree)
-        image_id = self._store_image(image)
+        image_id = self.put_object(image)
         self._symlink(f"../objects/{image_id[:2]}/{image_id[2:]}", self.images_dir / image_id)
         if ref is not None:
             self._set_ref(ref, image_id)
         return ImportResult(image_id, ref, files=files, image_size=len(image))
 
-    def _store_image(self, image: bytes) -> str:
-        digest = fsverity.digest(image)
+    def put_object(self, data: bytes) -> str:
+        """Store ``data`` as an object, durably, and return its id (an image, a manifest, a
+        record).  The caller holds the lock."""
+        digest = fsverity.digest(data)
         final = self.object_path(digest)
-        if final.is_file() and final.stat().st_size == len(image):
+        if final.is_file() and final.stat().st_size == len(data):
             return digest.hex()
-        tmp = self.objects / f"{TEMP_PREFIX}image-{os.urandom(6).hex()}"
+        tmp = self.objects / f"{TEMP_PREFIX}object-{os.urandom(6).hex()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, OBJECT_MODE)
         try:
-            try:
-                os.write(fd, image)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
                 os.fchmod(fd, OBJECT_MODE)
                 os.fsync(fd)
-            finally:
-                os.close(fd)
             try:
                 seal_object(tmp, digest, required=self.secure)
             except OSError as e:
-                raise RepositoryError(f"storing image {digest.hex()}: {e.strerror}") from None
+                raise RepositoryError(f"storing object {digest.hex()}: {e.strerror}") from None
             final.parent.mkdir(mode=_DIR_MODE, exist_ok=True)
             os.rename(tmp, final)
         except BaseException:
@@ -603,6 +621,99 @@ class Repository:
         fsync_dir(final.parent)
         fsync_dir(self.objects)
         return digest.hex()
+
+    def read_object(self, object_id: str, limit: int = 64 << 20) -> bytes:
+        """The bytes of a (small) object, checked against its id."""
+        try:
+            with open(self.object_path(object_id), "rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise RepositoryError(f"object {object_id} is missing (run fsck)") from None
+        if len(data) > limit or fsverity.digest(data).hex() != object_id:
+            raise RepositoryError(f"object {object_id} is damaged (run fsck)")
+        return data
+
+    # -- pinned records: OCI images ------------------------------------------------------------
+    #
+    # oci/refs/<quoted name> -> ../../objects/XX/<62 hex>, a JSON record: gc keeps its
+    # "image" (with everything the image uses) and every object listed in its "objects".
+    # oci/layers/<digest> -> ../../objects/XX/<62 hex>: layer records by diff_id, a cache
+    # that pulls reuse; not a gc root (links left dangling by gc are dropped).
+
+    def oci_refs(self) -> dict[str, str]:
+        """OCI ref name -> record id, for every well-formed link."""
+        out: dict[str, str] = {}
+        for quoted in _listdir(self.path / OCI_REFS):
+            record = self._object_link(self.path / OCI_REFS / quoted, 2)
+            if record is not None and not quoted.startswith(TEMP_PREFIX):
+                out[unquote(quoted)] = record
+        return out
+
+    def oci_record(self, name: str) -> tuple[str, dict[str, Any]]:
+        """(record id, record) of an OCI ref."""
+        link = self.path / OCI_REFS / quote_ref(name)
+        record_id = self._object_link(link, 2)
+        if record_id is None:
+            raise RepositoryError(f"no OCI image named '{name}' in {self.path}")
+        try:
+            record = json.loads(self.read_object(record_id))
+        except ValueError:
+            raise RepositoryError(f"OCI image '{name}': its record is not JSON") from None
+        if not isinstance(record, dict):
+            raise RepositoryError(f"OCI image '{name}': its record is not a JSON object")
+        return record_id, record
+
+    def set_oci_ref(self, name: str, record_id: str) -> None:
+        """Point an OCI ref at a record (stored with :meth:`put_object`); lock held."""
+        directory = self.path / OCI_REFS
+        directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        self._symlink(f"../../objects/{record_id[:2]}/{record_id[2:]}", directory / quote_ref(name))
+
+    def remove_oci_ref(self, name: str) -> None:
+        self._writable()
+        with self.lock():
+            link = self.path / OCI_REFS / quote_ref(name)
+            if not link.is_symlink():
+                raise RepositoryError(f"no OCI image named '{name}' in {self.path}")
+            link.unlink()
+            fsync_dir(link.parent)
+
+    def layer_record(self, key: str) -> str | None:
+        """The id of the layer record cached under ``key`` (a diff_id), if any."""
+        return self._object_link(self.path / OCI_LAYERS / key, 2)
+
+    def set_layer_record(self, key: str, record_id: str) -> None:
+        directory = self.path / OCI_LAYERS
+        directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+        self._symlink(f"../../objects/{record_id[:2]}/{record_id[2:]}", directory / key)
+
+    def _object_link(self, link: Path, depth: int) -> str | None:
+        """The object id a link of the form this repository writes names, else None."""
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return None
+        prefix = "../" * depth + "objects/"
+        rest = target.removeprefix(prefix)
+        if rest == target or len(rest) != 65 or rest[2] != "/":
+            return None
+        object_id = rest[:2] + rest[3:]
+        return object_id if is_image_id(object_id) else None
+
+    def _pinned(self) -> tuple[set[str], set[str]]:
+        """(images, objects) the OCI refs keep alive."""
+        images: set[str] = set()
+        objects: set[str] = set()
+        for name in self.oci_refs():
+            record_id, record = self.oci_record(name)
+            objects.add(record_id)
+            image = record.get("image")
+            if isinstance(image, str) and is_image_id(image):
+                images.add(image)
+            for o in record.get("objects", []):
+                if isinstance(o, str) and is_image_id(o):
+                    objects.add(o)
+        return images, objects
 
     # -- mounting ------------------------------------------------------------------------------
 
@@ -666,8 +777,8 @@ class Repository:
         with self.lock(
             exclusive=not dry_run, wait_message="cfsctl: waiting for other users to finish"
         ):
-            live_images = set(self.refs().values())
-            live: set[str] = set()
+            pinned_images, live = self._pinned()
+            live_images = set(self.refs().values()) | pinned_images
             for image_id in live_images:
                 live.add(image_id)
                 try:
@@ -691,6 +802,10 @@ class Repository:
                 result.bytes_removed += st.st_size
                 if not dry_run:
                     os.unlink(self.objects / rel)
+            for key in _listdir(self.path / OCI_LAYERS):
+                record = self._object_link(self.path / OCI_LAYERS / key, 2)
+                if (record is None or record not in live) and not dry_run:
+                    os.unlink(self.path / OCI_LAYERS / key)  # its record is going: uncache
             for name in self._temporary_files():
                 result.temporary_files_removed += 1
                 if not dry_run:
@@ -736,6 +851,7 @@ class Repository:
                     self._quarantine(rel, result)
             self._fsck_images(result, repair)
             self._fsck_refs(result)
+            self._fsck_oci(result)
             result.temporary_files = len(self._temporary_files())
         return result
 
@@ -840,6 +956,31 @@ class Repository:
             if not self.object_path(image_id).is_file():
                 result.problems.append(
                     Problem("ref-broken", f"images/refs/{ref}", f"image {image_id} is missing")
+                )
+
+    def _fsck_oci(self, result: FsckResult) -> None:
+        for quoted in _listdir(self.path / OCI_REFS):
+            rel = f"{OCI_REFS}/{quoted}"
+            result.refs_checked += 1
+            if self._object_link(self.path / rel, 2) is None:
+                result.problems.append(Problem("ref-broken", rel, "not a link to an object"))
+                continue
+            try:
+                _id, record = self.oci_record(unquote(quoted))
+            except RepositoryError as e:
+                result.problems.append(Problem("ref-broken", rel, str(e)))
+                continue
+            image = record.get("image")
+            if not isinstance(image, str) or not self.object_path(image).is_file():
+                result.problems.append(Problem("ref-broken", rel, f"image {image} is missing"))
+            missing = [
+                o
+                for o in record.get("objects", [])
+                if not (isinstance(o, str) and self.object_path(o).is_file())
+            ]
+            if missing:
+                result.problems.append(
+                    Problem("objects-missing", rel, f"{len(missing)} objects missing")
                 )
 
     # -- statistics ----------------------------------------------------------------------------
