@@ -607,7 +607,7 @@ class RegistryClient:
                     self._basic_wanted = True
                     basic = self._basic()
                     if basic is None:
-                        hint = "authentication required: no credentials were given"
+                        hint = "the registry wants credentials; none were given"
                     elif basic == sent:
                         hint = "the credentials were rejected"
                     else:
@@ -657,6 +657,13 @@ class RegistryClient:
                     f"manifest download broke off: {_describe(err)}", *where, code="TRUNCATED"
                 ) from err
             headers = response.headers
+        length = _content_length(headers)
+        if length is not None and len(data) != length and len(data) <= MAX_MANIFEST_SIZE:
+            raise self._error(
+                f"manifest download broke off after {len(data)} of {length} bytes",
+                *where,
+                code="TRUNCATED",
+            )
         if len(data) > MAX_MANIFEST_SIZE:
             raise self._error(
                 f"manifest larger than {MAX_MANIFEST_SIZE} bytes", *where, code="INVALID"
