@@ -56,9 +56,8 @@ def require_tools(*tools: str) -> None:
     if not missing:
         return
     packages = " ".join(sorted({PACKAGES.get(t, t) for t in missing}))
-    why = (
-        f"{', '.join(missing)} not installed (Debian: {packages}; scripts/bootstrap.sh installs it)"
-    )
+    them = "them" if len(missing) > 1 else "it"
+    why = f"{', '.join(missing)} not installed (Debian: {packages}; scripts/bootstrap.sh installs {them})"
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         pytest.skip(why)
     pytest.fail(f"{why}: run scripts/bootstrap.sh", pytrace=False)

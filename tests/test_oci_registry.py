@@ -774,7 +774,9 @@ def test_broken_transfers_stub() -> None:
     with stubs(stub):
         client = RegistryClient(_host(stub), insecure_http=True)
         with client.open_blob("a/b", good) as blob:
+            assert blob.read(0) == b"" and not blob.verified
             assert blob.read() == BLOB and blob.verified
+            assert blob.read() == b""
         with pytest.raises(RegistryError, match="registry sends 12000 bytes for a blob of 11999") as info:  # fmt: skip
             client.open_blob("a/b", good, size=len(BLOB) - 1)
         assert info.value.code == "SIZE_MISMATCH"

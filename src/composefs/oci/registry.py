@@ -282,7 +282,7 @@ class BlobReader(io.RawIOBase):
     def readinto(self, b: Any) -> int:
         if self._failure is not None:
             raise self._failure
-        if self.verified:
+        if self.verified or not memoryview(b).nbytes:  # read(0) is not the end
             return 0
         try:
             n = self._response.readinto(b)
