@@ -10,6 +10,10 @@ declare -A PACKAGES=(
   [fsverity]=fsverity
   [getfattr]=attr
   [fusermount3]=fuse3
+  [docker-registry]=docker-registry # OCI tests: a real local registry
+  [skopeo]=skopeo
+  [umoci]=umoci
+  [htpasswd]=apache2-utils
 )
 missing=()
 for tool in "${!PACKAGES[@]}"; do

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# fixtures of a real local registry (docker-registry) for the OCI tests
+pytest_plugins = ["registry"]
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("COMPOSEFS_SHARED", REPO.parent / "shared"))
 UPSTREAM = SHARED / "testdata" / "upstream"
