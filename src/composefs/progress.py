@@ -23,9 +23,16 @@ class Progress:
     """
 
     def __init__(
-        self, label: str, stream: TextIO | None = None, *, delay: float = 0.5, rate: float = 10
+        self,
+        label: str,
+        stream: TextIO | None = None,
+        *,
+        delay: float = 0.5,
+        rate: float = 10,
+        unit: str = "files",
     ) -> None:
         self.label = label
+        self.unit = unit
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = self.stream.isatty()
         self.start = time.monotonic()
@@ -42,7 +49,7 @@ class Progress:
             return
         self._last = now
         rate = done_bytes / max(now - self.start, 1e-9)
-        line = f"{self.label}: {done}/{total} files"
+        line = f"{self.label}: {done}/{total} {self.unit}"
         if total_bytes:
             line += f", {human_size(done_bytes)}/{human_size(total_bytes)}"
             line += f" ({human_size(rate)}/s)"

@@ -100,6 +100,36 @@ def _parser() -> ToolArgumentParser:
 
     s = sub.add_parser("stats", help="space used, shared and saved, per image and in total")
     s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("oci", help="OCI images: pull, images, inspect, mount, rm")
+    oci = s.add_subparsers(
+        dest="oci_command", metavar="pull|images|inspect|mount|rm", parser_class=ToolArgumentParser
+    )
+    o = oci.add_parser("pull", help="pull an image into the repository")
+    o.add_argument("source", help="docker://HOST/REPO:TAG, oci:DIR[:TAG], oci-archive:FILE[:TAG], "
+                   "docker-archive:FILE[:REPO:TAG]")  # fmt: skip
+    o.add_argument("name", nargs="?", help="the OCI ref to give it (default: SOURCE)")
+    o.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: this machine's")
+    o.add_argument("--creds", metavar="USER[:PASSWORD]", help="registry credentials")
+    o.add_argument(
+        "--tls-verify", default="true", choices=("true", "false"),
+        help="false: accept any certificate, or plain http (local registries)",
+    )  # fmt: skip
+    o.add_argument("--json", action="store_true", help="print what was done as JSON")
+    o = oci.add_parser("images", help="list the OCI images")
+    o.add_argument("--json", action="store_true")
+    o = oci.add_parser("inspect", help="an OCI image's record, manifest or config")
+    o.add_argument("name")
+    which = o.add_mutually_exclusive_group()
+    which.add_argument("--manifest", action="store_true", help="the manifest, as pulled")
+    which.add_argument("--config", action="store_true", help="the config, as pulled")
+    o = oci.add_parser("mount", help="mount an OCI image's composefs image")
+    o.add_argument("name")
+    o.add_argument("mountpoint")
+    o.add_argument("--fuse", action="store_true", help="serve it with FUSE (no root needed)")
+    o.add_argument("-f", "--foreground", action="store_true", help="with --fuse: stay")
+    o = oci.add_parser("rm", help="remove OCI refs (gc then frees what they alone used)")
+    o.add_argument("names", nargs="+")
     return p
 
 
@@ -129,6 +159,8 @@ def _run(a: argparse.Namespace) -> int:
         raise UsageError(f"{PROG}: no command given", usage=True)
     if a.command == "ref" and a.ref_command is None:
         raise UsageError(f"{PROG}: ref: say add, rm or ls", usage=True)
+    if a.command == "oci" and a.oci_command is None:
+        raise UsageError(f"{PROG}: oci: say pull, images, inspect, mount or rm", usage=True)
     from composefs.repository import Repository, RepositoryError
 
     try:
@@ -340,7 +372,14 @@ def _print_json(value: object) -> None:
     sys.stdout.write("\n")
 
 
+def _oci(repo: Any, a: argparse.Namespace) -> int:
+    from composefs.cli.ocicmd import run
+
+    return run(repo, a)
+
+
 COMMANDS = {
+    "oci": _oci,
     "import": _import,
     "images": _images,
     "ref": _ref,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import platform as _platform
 import re
 from dataclasses import dataclass
 from typing import IO, Any
@@ -25,8 +24,6 @@ INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 REF_NAME = "org.opencontainers.image.ref.name"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
-           "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}  # fmt: skip
 MAX_DOCUMENT = 4 << 20  # manifests, indexes and configs are small; refuse anything huge
 
 
@@ -127,25 +124,6 @@ def index_entries(raw: bytes, what: str) -> list[Descriptor]:
     if not isinstance(entries, list):
         raise OciError(f"{what}: an index without manifests")
     return [Descriptor.parse(e, what) for e in entries]
-
-
-def default_platform() -> str:
-    """This machine's platform as OCI names it: ``linux/amd64``, ``linux/arm64``..."""
-    machine = _platform.machine().lower()
-    return f"linux/{_GOARCH.get(machine, machine)}"
-
-
-def select_platform(entries: list[Descriptor], wanted: str, what: str) -> Descriptor:
-    """The index entry for ``wanted`` (``os/arch[/variant]``); a variant-less request takes
-    the first entry of that os/arch."""
-    for e in entries:
-        if e.platform == wanted:
-            return e
-    for e in entries:
-        if e.platform is not None and e.platform.startswith(wanted + "/"):
-            return e
-    offered = ", ".join(sorted({e.platform or "unknown" for e in entries}))
-    raise OciError(f"{what}: no image for platform {wanted} (it has: {offered})")
 
 
 def sha256_digest(data: bytes) -> str:
