@@ -26,7 +26,7 @@ from pathlib import Path
 from measure import REPO, measure
 
 sys.path.insert(0, str(REPO / "tests"))
-from registry import Layer, build_image, run_registry  # noqa: E402
+from registry import Layer, build_image, run_registry
 
 
 def main() -> int:
