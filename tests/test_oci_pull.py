@@ -225,3 +225,19 @@ def test_image_equals_directory_import_of_the_flattened_tree(tmp_path: Path) -> 
     pulled = pull(repo, f"oci:{layout}:t")
     imported = repo.import_directory(src, options=None)
     assert pulled.image_id == imported.image_id
+
+
+def test_gc_keeps_files_hidden_by_upper_layers_for_later_pulls(tmp_path: Path) -> None:
+    hidden = os.urandom(8000)
+    lower = layer_tar([entry("h", hidden), entry("k", os.urandom(3000))])
+    layout = tmp_path / "layout"
+    write_layout(layout, [lower, layer_tar([entry(".wh.h")])], tag="top")
+    write_layout(layout, [lower], tag="bottom")
+    repo = _repo(tmp_path)
+    pull(repo, f"oci:{layout}:top", "top")
+    assert repo.gc().objects_removed == 0
+    assert repo.object_path(fsverity.digest(hidden)).exists()  # kept: the layer is live
+    again = pull(repo, f"oci:{layout}:bottom", "bottom")
+    assert (again.layers_fetched, again.layers_reused) == (0, 1)
+    assert b"/h" in _files(repo, again.image_id)
+    assert repo.fsck().ok

@@ -636,7 +636,8 @@ class Repository:
     # -- pinned records: OCI images ------------------------------------------------------------
     #
     # oci/refs/<quoted name> -> ../../objects/XX/<62 hex>, a JSON record: gc keeps its
-    # "image" (with everything the image uses) and every object listed in its "objects".
+    # "image" (with everything the image uses), every object listed in its "objects", and
+    # those named in the objects of its "object_lists" (concatenated binary digests).
     # oci/layers/<digest> -> ../../objects/XX/<62 hex>: layer records by diff_id, a cache
     # that pulls reuse; not a gc root (links left dangling by gc are dropped).
 
@@ -713,6 +714,11 @@ class Repository:
             for o in record.get("objects", []):
                 if isinstance(o, str) and is_image_id(o):
                     objects.add(o)
+            for o in record.get("object_lists", []):  # objects naming 32-byte digests
+                if isinstance(o, str) and is_image_id(o):
+                    objects.add(o)
+                    data = self.read_object(o)
+                    objects.update(data[i : i + 32].hex() for i in range(0, len(data), 32))
         return images, objects
 
     # -- mounting ------------------------------------------------------------------------------
@@ -1016,7 +1022,12 @@ class Repository:
                 referenced.update(objects)
             out.referenced_bytes = sum(referenced.values())
             out.saved_bytes = external - out.referenced_bytes
-            in_use = set(referenced) | {f"{i[:2]}/{i[2:]}" for i in usage}
+            _pinned_images, pinned = self._pinned()
+            in_use = (
+                set(referenced)
+                | {f"{i[:2]}/{i[2:]}" for i in usage}
+                | {f"{i[:2]}/{i[2:]}" for i in pinned}
+            )
             for rel, st in self._object_files():
                 out.objects += 1
                 out.stored_bytes += st.st_size

@@ -19,15 +19,15 @@ the OCI image spec's (``layer.md``), with the safety of tarfile's ``data`` filte
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import base64
 import errno
 import io
+import json
 import os
 import stat
 import tarfile
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any
 
 from composefs import fsverity
 from composefs.errors import ComposefsError, TreeError
@@ -245,6 +245,9 @@ class _Applier:
                     raise self.fail(m.name, e.describe()) from None
 
 
+RECORD_FORMAT = "composefs-py layer record"
+
+
 def apply_layer(
     tree: Tree,
     stream: IO[bytes],
@@ -256,65 +259,93 @@ def apply_layer(
     """Apply one uncompressed layer tar ``stream`` on top of ``tree``; file content goes
     into ``writer`` (committed by the caller once every layer is in).
 
-    With ``record``, a *layer record* is written there: the layer's tar headers alone,
-    each file stored as an object named by a PAX record instead of its content.  It is a
-    few percent of the layer, and :func:`apply_record` replays it without the layer.
+    With ``record``, a *layer record* is written there: one JSON line per tar entry with
+    its header fields, each file named by its object instead of holding its content
+    (inline files excepted).  It is a few percent of the layer, :func:`apply_record`
+    replays it without the layer, and reading it is far quicker than parsing tar headers.
     """
     applier = _Applier(tree, writer, name)
+    if record is not None:
+        record.write(json.dumps({"format": RECORD_FORMAT, "version": 1}).encode() + b"\n")
     try:
-        with contextlib.ExitStack() as stack:
-            out = None
-            if record is not None:
-                out = stack.enter_context(
-                    tarfile.open(fileobj=record, mode="w|", format=tarfile.PAX_FORMAT)
-                )
-            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|", errorlevel=2))
+        with tarfile.open(fileobj=stream, mode="r|", errorlevel=2) as tar:
             for member in tar:
                 fileobj = tar.extractfile(member) if member.isreg() else None
                 read = fileobj.read if fileobj is not None else _no_content
                 node = applier.apply(member, read)
-                if out is not None:
-                    _record(out, member, node)
+                if record is not None:
+                    record.write(_record_line(member, node))
     except tarfile.TarError as e:
         raise LayerError(f"{name}: not a valid tar stream: {e}") from None
     except EOFError:
         raise LayerError(f"{name}: the tar stream ends early") from None
 
 
-def _record(out: tarfile.TarFile, member: tarfile.TarInfo, node: Inode | None) -> None:
-    entry = copy.copy(member)
-    entry.pax_headers = {k: v for k, v in member.pax_headers.items() if k != "size"}
-    if member.isreg() and node is not None and node.content is not None:
-        out.addfile(entry, io.BytesIO(node.content))
-        return
-    if member.isreg() and node is not None and node.digest is not None:
-        entry.pax_headers[_RECORD_DIGEST] = node.digest.hex()
-        entry.pax_headers[_RECORD_SIZE] = str(node.size)
-    entry.size = 0
-    out.addfile(entry)
+def _record_line(m: tarfile.TarInfo, node: Inode | None) -> bytes:
+    pax = {k: v for k, v in m.pax_headers.items() if k == "mtime" or k.startswith(_XATTR_PAX)}
+    digest = inline = ""
+    if m.isreg() and node is not None:
+        if node.content is not None:
+            inline = base64.b64encode(node.content).decode()
+        elif node.digest is not None:
+            digest = node.digest.hex()
+    size = node.size if m.isreg() and node is not None else 0
+    fields = [m.name, m.type.decode("latin-1"), m.mode, m.uid, m.gid, int(m.mtime), m.linkname,
+              size, digest, inline, m.devmajor, m.devminor, pax]  # fmt: skip
+    return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
 
 
-def record_objects(record: bytes) -> set[bytes]:
-    """The digests of the objects a layer record names (to check they are all present)."""
-    found = set()
-    with tarfile.open(fileobj=io.BytesIO(record), mode="r:") as tar:
-        for member in tar:
-            digest = member.pax_headers.get(_RECORD_DIGEST)
-            if digest is not None:
-                found.add(bytes.fromhex(digest))
-    return found
+RecordEntries = list[list[Any]]
 
 
-def apply_record(tree: Tree, record: bytes, *, name: str) -> None:
+def parse_record(record: bytes, name: str = "layer record") -> RecordEntries:
+    """The entries of a layer record (parse once, then check and replay)."""
+    head, _, body = record.partition(b"\n")
+    try:
+        meta = json.loads(head)
+        if not isinstance(meta, dict) or meta.get("format") != RECORD_FORMAT:
+            raise ValueError("not a layer record")
+        if meta.get("version") != 1:
+            raise ValueError(f"unknown version {meta.get('version')}")
+        # one decoder call for the whole body: far quicker than one per line
+        entries = json.loads(b"[" + body.rstrip(b"\n").replace(b"\n", b",") + b"]")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise LayerError(f"{name}: damaged layer record: {e}") from None
+    if not isinstance(entries, list) or not all(
+        isinstance(e, list) and len(e) == 13 for e in entries
+    ):
+        raise LayerError(f"{name}: damaged layer record: malformed entries")
+    return entries
+
+
+def record_objects(record: bytes | RecordEntries, name: str = "layer record") -> set[bytes]:
+    """The digests of the objects a layer record names."""
+    entries = parse_record(record, name) if isinstance(record, bytes) else record
+    try:
+        return {bytes.fromhex(f[8]) for f in entries if f[8]}
+    except (TypeError, ValueError) as e:
+        raise LayerError(f"{name}: damaged layer record: {e}") from None
+
+
+def apply_record(tree: Tree, record: bytes | RecordEntries, *, name: str) -> None:
     """Replay a layer record made by :func:`apply_layer` (its objects must be present)."""
     applier = _Applier(tree, None, name)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(record), mode="r:") as tar:
-            for member in tar:
-                fileobj = tar.extractfile(member) if member.isreg() else None
-                applier.apply(member, fileobj.read if fileobj is not None else _no_content)
-    except (tarfile.TarError, EOFError) as e:
-        raise LayerError(f"{name}: damaged layer record: {e}") from None
+    for f in parse_record(record, name) if isinstance(record, bytes) else record:
+        try:
+            (path, kind, mode, uid, gid, mtime, linkname, size, digest, inline,
+             major, minor, pax) = f  # fmt: skip
+            m = tarfile.TarInfo(path)
+            m.type, m.mode, m.uid, m.gid, m.mtime = kind.encode("latin-1"), mode, uid, gid, mtime
+            m.linkname, m.devmajor, m.devminor = linkname, major, minor
+            m.pax_headers = dict(pax)
+            content = base64.b64decode(inline) if inline else b""
+            m.size = len(content)
+            if digest:
+                m.pax_headers[_RECORD_DIGEST] = digest
+                m.pax_headers[_RECORD_SIZE] = str(size)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise LayerError(f"{name}: damaged layer record: {e}") from None
+        applier.apply(m, io.BytesIO(content).read)
 
 
 def _no_content(_n: int) -> bytes:

@@ -25,7 +25,14 @@ from typing import IO, Any
 from composefs.objects import ObjectStore, ObjectWriter
 from composefs.oci.compression import open_layer
 from composefs.oci.image import Descriptor, OciError, diff_ids, read_verified
-from composefs.oci.layer import apply_layer, apply_record, new_tree, record_objects
+from composefs.oci.layer import (
+    RecordEntries,
+    apply_layer,
+    apply_record,
+    new_tree,
+    parse_record,
+    record_objects,
+)
 from composefs.oci.registry import default_platform
 from composefs.oci.sources import Source, open_source
 from composefs.repository import Repository
@@ -120,13 +127,16 @@ def pull(
         writer = ObjectWriter(ObjectStore(repo.objects, create=False), require_verity=repo.secure)
         new_records: list[tuple[str, bytes]] = []  # (diff_id, record) to store after objects
         reused: list[str] = []
+        reused_lists: list[str] = []
         try:
             for i, (desc, diff_id) in enumerate(zip(manifest.layers, ids, strict=True)):
                 what = f"{src.name}: layer {i + 1}/{len(ids)} {desc.digest}"
-                record_id = _usable_record(repo, writer, diff_id)
-                if record_id is not None:
-                    apply_record(tree, _record_bytes(repo, record_id), name=what)
+                usable = _usable_record(repo, writer, diff_id)
+                if usable is not None:
+                    record_id, entries, digests = usable
+                    apply_record(tree, entries, name=what)
                     reused.append(record_id)
+                    reused_lists.append(repo.put_object(b"".join(sorted(digests))))
                     result.layers_reused += 1
                     result.layers.append({"digest": desc.digest, "diff_id": diff_id,
                                           "record": record_id, "fetched": False})  # fmt: skip
@@ -143,9 +153,12 @@ def pull(
             raise
         result.objects_added, result.objects_reused = writer.added, writer.reused
         records = {}
+        lists = []
         for diff_id, record in new_records:
             records[diff_id] = repo.put_object(_compress(record))
             repo.set_layer_record(diff_id, records[diff_id])
+            lists.append(_object_list(repo, record))
+        lists += reused_lists
         for entry in result.layers:
             entry.setdefault("record", records.get(entry["diff_id"]))
         manifest_id = repo.put_object(manifest.raw)
@@ -164,22 +177,34 @@ def pull(
             "config": config_id,
             "layers": result.layers,
             "objects": sorted({manifest_id, config_id, *records.values(), *reused}),
+            # every file of every layer, hidden ones too, so a later pull can replay them
+            "object_lists": sorted(set(lists)),
         }
         record_id = repo.put_object(json.dumps(doc, indent=1, sort_keys=True).encode())
         repo.set_oci_ref(name, record_id)
     return result
 
 
-def _usable_record(repo: Repository, writer: ObjectWriter, diff_id: str) -> str | None:
+def _usable_record(
+    repo: Repository, writer: ObjectWriter, diff_id: str
+) -> tuple[str, RecordEntries, set[bytes]] | None:
     """A cached record for ``diff_id`` whose objects are all present, else None."""
     record_id = repo.layer_record(diff_id)
     if record_id is None:
         return None
     try:
-        digests = record_objects(_record_bytes(repo, record_id))
-    except Exception:
-        return None  # damaged: fetch the layer again
-    return record_id if all(writer.contains(d) for d in digests) else None
+        entries = parse_record(_record_bytes(repo, record_id))
+        digests = record_objects(entries)
+    except Exception:  # a damaged cache entry of any kind (zstd, JSON, object): refetch
+        return None
+    if not all(writer.contains(d) for d in digests):
+        return None
+    return record_id, entries, digests
+
+
+def _object_list(repo: Repository, record: bytes) -> str:
+    """Store the digests a layer record names, concatenated, as an object gc can read."""
+    return repo.put_object(b"".join(sorted(record_objects(record))))
 
 
 def _record_bytes(repo: Repository, record_id: str) -> bytes:
