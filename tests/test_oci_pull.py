@@ -241,3 +241,37 @@ def test_gc_keeps_files_hidden_by_upper_layers_for_later_pulls(tmp_path: Path) -
     assert (again.layers_fetched, again.layers_reused) == (0, 1)
     assert b"/h" in _files(repo, again.image_id)
     assert repo.fsck().ok
+
+
+def test_devices_are_image_metadata_never_created(tmp_path: Path) -> None:
+    dev = tarfile.TarInfo("dev/evil")
+    dev.type, dev.devmajor, dev.devminor, dev.mode = tarfile.BLKTYPE, 8, 0, 0o666
+    layout = tmp_path / "layout"
+    write_layout(layout, [layer_tar([entry("dev/", kind=tarfile.DIRTYPE), (dev, None)])], tag="t")
+    repo = _repo(tmp_path)
+    result = pull(repo, f"oci:{layout}:t")
+    node = load_tree(repo.object_path(result.image_id)).lookup(b"/dev/evil")
+    assert node is not None and node.rdev == os.makedev(8, 0)
+    # nothing but regular files and directories anywhere on disk
+    for p in [*repo.path.rglob("*"), *tmp_path.rglob("*")]:
+        assert not (p.is_block_device() or p.is_char_device()), p
+
+
+def test_gzip_bomb_layer_is_refused_and_nothing_is_kept(tmp_path: Path) -> None:
+    bomb = layer_tar([entry("zeros", bytes(300 << 20))])
+    layout = tmp_path / "layout"
+    write_layout(layout, [bomb], tag="t")
+    repo = _repo(tmp_path)
+    with pytest.raises(ComposefsError, match="decompression bomb"):
+        pull(repo, f"oci:{layout}:t")
+    assert repo.oci_refs() == {}
+    assert not [p for p in (repo.path / "objects").rglob("*") if p.is_file()]
+
+
+def test_inspect_by_manifest_digest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    layout = tmp_path / "layout"
+    mdigest = write_layout(layout, [layer_tar(BASE)], tag="t")
+    repo = _repo(tmp_path)
+    pull(repo, f"oci:{layout}:t", "named")
+    assert cfsctl.main(["--repo", str(repo.path), "oci", "inspect", f"@{mdigest}"]) == 0
+    assert json.loads(capsys.readouterr().out)["manifest_digest"] == mdigest

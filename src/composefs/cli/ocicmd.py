@@ -77,8 +77,19 @@ def _images(repo: Repository, a: argparse.Namespace) -> int:
     return 0
 
 
+def _record(repo: Repository, name: str) -> dict[str, Any]:
+    """An OCI image by ref name, or by ``@sha256:…`` manifest digest."""
+    if name.startswith("@"):
+        for ref in repo.oci_refs():
+            _id, record = repo.oci_record(ref)
+            if record.get("manifest_digest") == name[1:]:
+                return record
+        raise OciError(f"no OCI image with manifest {name[1:]} in {repo.path}")
+    return repo.oci_record(name)[1]
+
+
 def _inspect(repo: Repository, a: argparse.Namespace) -> int:
-    _id, record = repo.oci_record(a.name)
+    record = _record(repo, a.name)
     if a.manifest or a.config:
         data = repo.read_object(str(record["manifest" if a.manifest else "config"]))
         sys.stdout.buffer.write(data)
@@ -91,7 +102,7 @@ def _mount(repo: Repository, a: argparse.Namespace) -> int:
     from composefs.fuse import FuseError
     from composefs.mount import MountError
 
-    _id, record = repo.oci_record(a.name)
+    record = _record(repo, a.name)
     try:
         repo.mount(str(record.get("image")), a.mountpoint, fuse=a.fuse, foreground=a.foreground)
     except (MountError, FuseError) as e:
