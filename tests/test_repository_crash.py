@@ -392,31 +392,65 @@ def test_import_killed_before_each_rename(tmp_path: Path) -> None:
         shutil.rmtree(repo)
 
 
-def test_killed_import_leaves_no_process_holding_the_lock(tmp_path: Path) -> None:
-    """Kill an import while its workers are staging objects: gc must get the lock."""
-    repo = tmp_path / "repo"
-    cfsctl(repo, "init")
+def _staging_source(tmp_path: Path) -> Path:
+    """Enough content that an import spends a while staging it."""
     src = tmp_path / "src"
     for d in range(8):
         (src / f"d{d}").mkdir(parents=True)
         for i in range(60):
             (src / f"d{d}" / f"f{i}").write_bytes(os.urandom(96 * 1024))
-    cmd = [CFSCTL, "--repo", str(repo), "import", str(src), "--threads", "2", "--ref", "x"]
-    with session(cmd, tmp_path / "out") as proc:
+    return src
+
+
+def _kill_while_staging(cmd: list[str], repo: Path, out: Path) -> None:
+    """Run ``cmd``, SIGKILL it (it alone) once it has staged a file; every process it
+    started must then end by itself."""
+    with session(cmd, out) as proc:
         deadline = time.monotonic() + 30
         while not any(n.startswith(".tmp-") for n in os.listdir(repo / "objects")):
-            assert proc.poll() is None, "the import ended before it staged anything"
+            assert proc.poll() is None, f"it ended before it staged anything: {proc.stderr.read()}"
             assert time.monotonic() < deadline
             time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         left = wait_group_gone(proc.pid)
-        assert not left, f"{len(left)} worker processes outlived the killed import"
+        assert not left, f"{len(left)} processes outlived the killed import"
+
+
+def test_killed_import_leaves_no_process_holding_the_lock(tmp_path: Path) -> None:
+    """Kill an import while its workers are staging objects: gc must get the lock."""
+    repo = tmp_path / "repo"
+    cfsctl(repo, "init")
+    src = _staging_source(tmp_path)
+    cmd = [CFSCTL, "--repo", str(repo), "import", str(src), "--threads", "2", "--ref", "x"]
+    _kill_while_staging(cmd, repo, tmp_path / "out")
     removed = cfsctl(repo, "gc", "--json", timeout=20)
     assert removed["temporary_files_removed"] > 0
     fsck = cfsctl(repo, "fsck", "--json")
     assert fsck["ok"] and fsck["temporary_files"] == 0
     assert Repository(repo).refs() == {}
+
+
+# A caller running threads gets forkserver workers: children of the server, not its own.
+_THREADED_IMPORT = """
+import sys, threading, time
+from composefs.repository import Repository
+from composefs.scan import ScanOptions
+
+threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+Repository(sys.argv[1]).import_directory(sys.argv[2], options=ScanOptions(threads=2))
+"""
+
+
+def test_killed_threaded_import_leaves_no_workers(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    cfsctl(repo, "init")
+    src = _staging_source(tmp_path)
+    cmd = [sys.executable, "-c", _THREADED_IMPORT, str(repo), str(src)]
+    _kill_while_staging(cmd, repo, tmp_path / "out")
+    cfsctl(repo, "gc", "--json", timeout=20)
+    fsck = cfsctl(repo, "fsck", "--json")
+    assert fsck["ok"] and fsck["temporary_files"] == 0, "a worker staged files after gc"
 
 
 # -- (b) concurrency ---------------------------------------------------------------------------
