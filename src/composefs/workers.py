@@ -3,7 +3,9 @@
 A pool's workers wait on a pipe whose write end they hold themselves, so if their parent
 is killed (SIGKILL, OOM) they would wait forever, keeping every file descriptor they
 inherited: a repository lock among them, which would block gc for good.  Each worker
-therefore asks the kernel to kill it when its parent dies (PR_SET_PDEATHSIG).
+therefore asks the kernel to kill it when its parent dies (PR_SET_PDEATHSIG).  A
+forkserver's workers are the server's children, and the server lives as long as they do
+(each holds its liveness pipe), so those watch the process that made the pool instead.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -38,12 +41,31 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
+def _watch(creator: int) -> None:
+    """A forkserver worker: exit once the process that made the pool has exited."""
+    try:
+        pidfd = os.pidfd_open(creator)
+    except ProcessLookupError:
+        os._exit(1)
+    except OSError:
+        return  # no pidfd (Linux < 5.3)
+
+    def wait() -> None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.poll()  # readable once the creator has exited
+        os._exit(1)
+
+    threading.Thread(target=wait, daemon=True).start()
+
+
 def process_pool(workers: int) -> ProcessPoolExecutor:
     """A process pool whose workers die with the process that made it."""
     context = fork_context()
-    parent = os.getpid() if context.get_start_method() == "fork" else None
-    if parent is None:  # forkserver: the workers' parent is the server, which exits with us
-        return ProcessPoolExecutor(workers, mp_context=context)
+    if context.get_start_method() != "fork":  # forkserver: the server is their parent
+        return ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_watch, initargs=(os.getpid(),)
+        )
     return ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_die_with, initargs=(parent,)
+        workers, mp_context=context, initializer=_die_with, initargs=(os.getpid(),)
     )
