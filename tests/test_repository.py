@@ -432,6 +432,18 @@ def test_gc_refuses_when_a_live_image_is_unreadable(repo: Repository, tmp_path: 
     assert snapshot(repo.path) == before
 
 
+def test_gc_refuses_when_a_ref_is_broken(repo: Repository, tmp_path: Path) -> None:
+    """A ref gc cannot read must stop it: else what the ref kept would be deleted."""
+    a = repo.import_directory(tree_a(tmp_path / "a"), ref="a").image_id
+    (repo.path / "images" / a).unlink()  # the listing goes; ref and objects remain
+    before = snapshot(repo.path)
+    with pytest.raises(RepositoryError, match="ref 'a' is broken .* before gc"):
+        repo.gc()
+    assert snapshot(repo.path) == before
+    repo.remove_ref("a")
+    assert repo.gc().objects_removed > 0
+
+
 # -- fsck --------------------------------------------------------------------------------------
 
 

@@ -402,8 +402,14 @@ class Repository:
     def _set_ref(self, ref: str, image_id: str) -> None:
         depth = ref.count("/") + 1
         link = self.refs_dir / ref
-        link.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-        self._symlink("../" * depth + image_id, link)
+        for attempt in range(3):
+            link.parent.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
+            try:
+                self._symlink("../" * depth + image_id, link)
+                return
+            except FileNotFoundError:
+                if attempt == 2:  # a concurrent 'ref rm' kept removing the directory
+                    raise
 
     def remove_ref(self, ref: str) -> None:
         self._writable()
@@ -783,6 +789,7 @@ class Repository:
         with self.lock(
             exclusive=not dry_run, wait_message="cfsctl: waiting for other users to finish"
         ):
+            self._refuse_broken_refs()
             pinned_images, live = self._pinned()
             live_images = set(self.refs().values()) | pinned_images
             for image_id in live_images:
@@ -820,6 +827,26 @@ class Repository:
             if not dry_run:
                 fsync_dir(self.objects)
         return result
+
+    def _refuse_broken_refs(self) -> None:
+        """gc must not take a ref it cannot read for one that is gone: whatever that ref
+        meant to keep would be deleted.  It stops instead, naming the ref."""
+        for ref in self._ref_names():
+            try:
+                self.resolve("refs/" + ref)
+            except RepositoryError as e:
+                raise RepositoryError(
+                    f"ref '{ref}' is broken ({e}); remove it (ref rm) or repair it before gc"
+                ) from None
+        for quoted in _listdir(self.path / OCI_REFS):
+            if quoted.startswith(TEMP_PREFIX):
+                continue
+            if self._object_link(self.path / OCI_REFS / quoted, 2) is None:
+                raise RepositoryError(
+                    f"OCI ref '{unquote(quoted)}' is broken (not a link to an object); "
+                    "remove it (oci rm) before gc"
+                )
+            self.oci_record(unquote(quoted))  # a record that cannot be read stops gc too
 
     def _object_files(self) -> Iterator[tuple[str, os.stat_result]]:
         """Every well-named object file: (``XX/<62 hex>``, lstat)."""
