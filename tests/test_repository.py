@@ -437,7 +437,7 @@ def test_gc_refuses_when_a_ref_is_broken(repo: Repository, tmp_path: Path) -> No
     a = repo.import_directory(tree_a(tmp_path / "a"), ref="a").image_id
     (repo.path / "images" / a).unlink()  # the listing goes; ref and objects remain
     before = snapshot(repo.path)
-    with pytest.raises(RepositoryError, match="ref 'a' is broken .* before gc"):
+    with pytest.raises(RepositoryError, match=r"ref 'a' is broken .* before gc"):
         repo.gc()
     assert snapshot(repo.path) == before
     repo.remove_ref("a")
