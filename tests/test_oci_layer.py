@@ -280,3 +280,14 @@ def test_a_layer_cannot_claim_content_by_digest(tmp_path: Path) -> None:
     node = tree.lookup(b"/f")
     assert node is not None and node.content == b"real content"
     assert node.digest == fsverity.digest(b"real content")
+
+
+def test_long_names_and_links_survive(tmp_path: Path) -> None:
+    deep = "/".join(["d" * 60] * 5)  # 300 characters: a PAX path record
+    target = "t" * 200
+    tree, _ = _apply(tmp_path / "s", [_file(f"{deep}/{'f' * 200}", b"x" * 100),
+                                      _entry("sym", tarfile.SYMTYPE, linkname=target)])  # fmt: skip
+    node = tree.lookup(f"/{deep}/{'f' * 200}".encode())
+    assert node is not None and node.size == 100
+    sym = tree.lookup(b"/sym")
+    assert sym is not None and sym.payload == target.encode()
