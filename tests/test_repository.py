@@ -715,3 +715,20 @@ def test_copy_of_a_repository_is_a_repository(repo: Repository, tmp_path: Path) 
     assert other.resolve("x/a") == image_id
     assert other.fsck().ok
     assert read_back(copy, image_id) == source_files(src)
+
+
+def test_imports_commit_in_batches(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Objects become durable and visible batch by batch: an interrupted import keeps what
+    it wrote, and a retry finds it."""
+    from composefs import objects
+
+    monkeypatch.setattr(objects, "BATCH_OBJECTS", 3)
+    files = {f"f{i:02d}": blob(f"batch{i}", 1000 + i) for i in range(10)}
+    files["dup"] = blob("batch3", 1003)  # the same content twice: one object
+    result = repo.import_directory(write_tree(tmp_path / "t", files), ref="t")
+    assert (result.objects_added, result.objects_reused) == (10, 1)
+    assert len(object_files(repo.path)) == 11  # ten objects and the image
+    assert not list((repo.path / "objects").glob(".tmp-*"))
+    assert repo.fsck().ok

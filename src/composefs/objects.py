@@ -27,6 +27,8 @@ from composefs.fsutil import fsync_dir
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 OBJECT_MODE = 0o644
+BATCH_OBJECTS = 8192  # staged objects made durable and renamed into place together
+BATCH_BYTES = 1 << 30
 _DIR_MODE = 0o755
 
 
@@ -130,6 +132,8 @@ class ObjectWriter:
         self.store = store
         self.require_verity = require_verity  # a secure repository: see seal_object
         self._pending: dict[bytes, str] = {}  # digest -> temporary path
+        self._pending_bytes = 0
+        self._committed: set[bytes] = set()  # by earlier batches of this writer
         # names present in each XX/ directory, listed once when first needed: far cheaper
         # than one lstat per file when most objects are already there
         self._present: dict[str, frozenset[str]] = {}
@@ -139,7 +143,10 @@ class ObjectWriter:
         self.token = os.urandom(6).hex()  # names this writer's temporary files
 
     def contains(self, digest: bytes) -> bool:
-        """Whether the object is in the store (as listed when its directory was first read)."""
+        """Whether the object is in the store (as listed when its directory was first read)
+        or added by this writer."""
+        if digest in self._pending or digest in self._committed:
+            return True
         h = digest.hex()
         names = self._present.get(h[:2])
         if names is None:
@@ -156,7 +163,7 @@ class ObjectWriter:
         An object added by another writer since this one listed its directory is written
         again and renamed over the existing one: the same content, so no harm.
         """
-        if digest in self._pending or self.contains(digest):
+        if self.contains(digest):
             self.reused += 1
             return False
         tmp = stage_copy(os.fspath(self.store.path), src_fd, self.token)
@@ -189,7 +196,7 @@ class ObjectWriter:
             raise
         os.close(fd)
         digest = hasher.digest()
-        if digest in self._pending or self.contains(digest):
+        if self.contains(digest):
             os.unlink(tmp)
             self.reused += 1
         else:
@@ -198,13 +205,18 @@ class ObjectWriter:
 
     def adopt(self, digest: bytes, tmp: str, size: int = 0) -> None:
         """Take over a temporary file staged by :func:`stage_copy` as object ``digest``."""
-        if digest in self._pending:
+        if digest in self._pending or digest in self._committed:
             os.unlink(tmp)  # staged twice (by two workers): keep one
             self.reused += 1
             return
         self._pending[digest] = tmp
         self.added += 1
         self.added_bytes += size
+        self._pending_bytes += size
+        # Commit in batches: an interrupted run keeps what it wrote (a retry finds it),
+        # and temporary files never pile up past one batch.
+        if len(self._pending) >= BATCH_OBJECTS or self._pending_bytes >= BATCH_BYTES:
+            self.commit()
 
     def commit(self) -> None:
         """Make staged objects durable (one syncfs), enable fs-verity, rename into place."""
@@ -231,7 +243,9 @@ class ObjectWriter:
             os.rename(tmp, os.path.join(directory, h[2:]))
         for d in (*dirs, root):
             fsync_dir(d)
+        self._committed.update(self._pending)
         self._pending.clear()
+        self._pending_bytes = 0
 
     def abort(self) -> None:
         """Remove everything staged for this writer, adopted or not."""
