@@ -3,6 +3,7 @@ file-by-file comparison of a mounted tree with the directory it was built from."
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import subprocess
@@ -40,11 +41,13 @@ def _holds_whiteout(directory: Path) -> bool:
     return False
 
 
-def xattrs(path: Path) -> dict[str, bytes]:
+def xattrs(path: Path, hide: Callable[[str], bool] | None = None) -> dict[str, bytes]:
     out = {}
     for name in os.listxattr(path, follow_symlinks=False):
         if name == "security.selinux":
             continue  # the kernel may label either side
+        if hide is not None and hide(name):
+            continue
         out[name] = os.getxattr(path, name, follow_symlinks=False)
     return out
 
@@ -81,6 +84,32 @@ def assert_same_tree(src: Path, mnt: Path, *, use_epoch: bool = False) -> int:
                 assert seen == xattrs(a), b
             checked += 1
     return checked
+
+
+def snapshot(
+    root: Path, *, hide_xattr: Callable[[str], bool] | None = None
+) -> dict[str, tuple[object, ...]]:
+    """Everything a reader sees of a tree, by relative path: type and mode, owner, size,
+    mtime (ns), rdev, link count (not of directories), content digest or link target,
+    xattrs (but those ``hide_xattr`` names).  Inode numbers and devices aside."""
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = Path(dirpath) / name
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                what: object = hashlib.sha256(path.read_bytes()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                what = os.readlink(path)
+            else:
+                what = None
+            nlink = None if stat.S_ISDIR(st.st_mode) else st.st_nlink
+            attrs = None if stat.S_ISLNK(st.st_mode) else xattrs(path, hide_xattr)
+            out[str(path.relative_to(root))] = (
+                st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev,
+                nlink, what, attrs,
+            )  # fmt: skip
+    return out
 
 
 def attached_loop_devices() -> dict[str, str]:

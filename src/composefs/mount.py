@@ -31,17 +31,23 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from composefs import syscalls
 from composefs.erofs import format as fmt
 from composefs.errors import ComposefsError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from composefs.rootless import RootlessMount
 
 __all__ = [
     "MountError",
     "MountOptions",
     "MountOptionsError",
     "mount",
+    "mount_rootless",
     "parse_options",
     "unmount",
 ]
@@ -532,3 +538,46 @@ def _describe(e: OSError) -> str:
 def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False) -> None:
     """Unmount a composefs mount; everything under it goes with it."""
     syscalls.umount(os.fspath(mountpoint), syscalls.MNT_DETACH if lazy else 0)
+
+
+def mount_rootless(
+    image: str | os.PathLike[str],
+    mountpoint: str | os.PathLike[str],
+    options: MountOptions,
+    *,
+    command: Sequence[str] | None = None,
+    userns: bool | None = None,
+    map_root: bool = False,
+    verify: bool = True,
+    foreign_objects: bool = False,
+    acl: bool = True,
+    threads: int = 4,
+    api: MountApi = "auto",
+) -> RootlessMount:
+    """Mount a composefs image without root, at kernel speed: a FUSE server (a new child
+    process) serves the image's metadata, and overlayfs, mounted on top of it in new user
+    and mount namespaces, reads file content straight from the object files (see
+    :mod:`composefs.rootless`, which also says what is verified where).
+
+    With ``command`` (a program and its arguments, like ``unshare``) it runs in the
+    namespaces, which end with it: :meth:`~composefs.rootless.RootlessMount.wait` returns
+    its exit status.  Without, the namespaces stay until
+    :meth:`~composefs.rootless.RootlessMount.stop`: processes join them with
+    ``join_command()`` (``nsenter``) or reach the tree at ``.path``
+    (``/proc/PID/root/MOUNTPOINT``).
+
+    ``userns`` (default: unless root) makes a user namespace mapping only this user's ids
+    (to root with ``map_root``); as root without one, a command gets a private mount
+    namespace and a kept mount is made in this process's own, visible to all.
+    ``options`` as for :func:`mount`: ``basedirs``, ``digest``, ``verity`` and
+    ``try_verity`` (overlayfs ``verity=require``), ``check_objects``; ``verify=False``
+    checks no object, ``foreign_objects`` accepts objects others could change.  Raises
+    :class:`~composefs.rootless.RootlessError` (a :class:`MountError`) with the reason
+    when it cannot be done: no user namespaces, no FUSE, no overlayfs...
+    """
+    from composefs.rootless import start
+
+    return start(
+        image, mountpoint, options, command=command, userns=userns, map_root=map_root,
+        verify=verify, foreign_objects=foreign_objects, acl=acl, threads=threads, api=api,
+    )  # fmt: skip

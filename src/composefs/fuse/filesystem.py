@@ -10,6 +10,14 @@ what overlayfs does on top of EROFS done here instead:
   kernel mount; ``trusted.*`` is listed to root only;
 * a file with a redirect is read from its object, checked (see :mod:`.verify`).
 
+With ``metadata_only`` the server is the lower layer of an overlayfs instead (see
+:mod:`composefs.rootless`): files with an object are placeholders of the right size whose
+content overlayfs reads from the object itself, following their redirect; overlayfs' own
+xattrs are shown in the ``user.overlay.`` namespace that overlayfs reads when mounted with
+``userxattr`` (and the image's own ``user.overlay.*`` escaped, so that overlayfs shows them
+and does not act on them).  Each object is checked once, when overlayfs first asks for a
+file's redirect, before it can read anything from it.
+
 FUSE node ids are EROFS nids + 2 (FUSE reserves 1 for the root, 0 for "none"); inode
 numbers are the nids, so they are stable across mounts and shared by hardlinks.  Attributes
 and entries never change, so the kernel may cache them for a long time.
@@ -30,13 +38,23 @@ from composefs.erofs import format as fmt
 from composefs.erofs.reader import Image, ImageInode
 from composefs.errors import FormatError
 from composefs.fuse import protocol as p
-from composefs.fuse.verify import BlockHashCache, ObjectDirs, ServedObject, open_object
+from composefs.fuse.verify import (
+    BlockHashCache,
+    ObjectDirs,
+    ServedObject,
+    check_object_once,
+    open_object,
+)
 from composefs.tree import S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG
 
 TIMEOUT = 86400  # seconds the kernel may cache entries and attributes: nothing changes
 _OVERLAY = b"trusted.overlay."
 _ESCAPED = b"trusted.overlay.overlay."
 _TRUSTED = b"trusted."
+_USER_OVERLAY = b"user.overlay."
+_USER_ESCAPED = b"user.overlay.overlay."
+# what overlayfs reads before it follows a file into its object
+_REDIRECT_NAMES = (b"user.overlay.metacopy", b"user.overlay.redirect")
 _ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 _DT = {
     stat.S_IFDIR: 4, stat.S_IFREG: 8, stat.S_IFLNK: 10, stat.S_IFCHR: 2, stat.S_IFBLK: 6,
@@ -67,6 +85,15 @@ class FuseOptions(NamedTuple):
     verify: bool = True  # check object content against the image's digests
     acl: bool = True  # serve POSIX ACLs when the image has them (off: the noacl option)
     passthrough: bool = True  # let the kernel read trusted objects directly (root only)
+    # The lower layer of an overlayfs mounted with userxattr: placeholders for files with
+    # an object, overlayfs' xattrs as user.overlay.*; overlayfs reads the content.
+    metadata_only: bool = False
+    # (metadata_only) overlayfs checks each object's fs-verity digest (verity=require):
+    # nothing to check here
+    kernel_verity: bool = False
+    # (metadata_only) accept objects that someone other than this user or root can change
+    # (they are checked once, and read unchecked by the kernel afterwards)
+    foreign_objects: bool = False
 
 
 class _Served:
@@ -114,7 +141,10 @@ class Filesystem:
         self, image: Image, basedirs: list[str], options: FuseOptions | None = None
     ) -> None:
         self.image = image
-        self.options = options = options or FuseOptions()
+        options = options or FuseOptions()
+        if options.metadata_only:
+            options = options._replace(passthrough=False)  # overlayfs reads the objects
+        self.options = options
         self.objects = ObjectDirs(basedirs)
         self.root_nid = image.header.root_nid
         self.acl = options.acl and image.header.has_acl
@@ -125,6 +155,13 @@ class Filesystem:
         self._by_name: OrderedDict[int, dict[bytes, int]] = OrderedDict()
         self._xattrs: dict[int, _Xattrs] = {}
         self._xattr_sets: dict[_Xattrs, _Xattrs] = {}
+        # metadata_only: the placeholders (files overlayfs follows into an object), those
+        # whose object was checked, and the objects checked (by path and digest)
+        self._placeholders: set[int] = set()
+        self._exposed: set[int] = set()
+        self._checked: set[tuple[bytes, bytes | None]] = set()
+        self._checking: dict[tuple[bytes, bytes | None], threading.Lock] = {}
+        self._gated = options.metadata_only and options.verify and not options.kernel_verity
         self._index()
         self._files: dict[int, _OpenFile] = {}
         self._next_fh = 1
@@ -214,6 +251,12 @@ class Filesystem:
             visible = self._visible_xattrs(raw)
             if visible:
                 self._xattrs[ino.nid] = visible
+                if (
+                    self.options.metadata_only
+                    and ftype == S_IFREG
+                    and any(key == _REDIRECT_NAMES[1] for key, _value in visible)
+                ):
+                    self._placeholders.add(ino.nid)
         if ftype == S_IFLNK:
             image.readlink(ino)
         elif ftype == S_IFREG and ino.size and ino.layout != fmt.EROFS_INODE_CHUNK_BASED:
@@ -437,6 +480,9 @@ class Filesystem:
             ino, payload, digest = self._regular_file(nid)
             if payload is None:
                 return _inline_read(self._inline_content(ino), ino.size, offset, size)
+            if self.options.metadata_only:
+                # overlayfs reads the object; only a process bypassing it gets here
+                raise OSError(errno.EIO, "a placeholder: the content is in its object")
             served = self._open_object(nid, payload, ino.size, digest)
         try:
             return served.obj.read(offset, size)
@@ -446,9 +492,36 @@ class Filesystem:
 
     def read_needs_object(self, nodeid: int, body: memoryview) -> bool:
         """Whether this read must first open (and perhaps hash) its object."""
-        if p.READ_IN.unpack_from(body)[0] != _NO_HANDLE:
+        if p.READ_IN.unpack_from(body)[0] != _NO_HANDLE or self.options.metadata_only:
             return False
         return not self._content_at_hand(self._nid(nodeid))
+
+    def getxattr_needs_object(self, nodeid: int) -> bool:
+        """Whether a getxattr must first check an object (metadata_only)."""
+        nid = self._nid(nodeid)
+        return self._gated and nid in self._placeholders and nid not in self._exposed
+
+    def _expose(self, nid: int) -> None:
+        """Check a placeholder's object before overlayfs may follow it: once per object
+        (path and digest), concurrent first checks of one object hashing it once."""
+        ino, payload, digest = self._regular_file(nid)
+        if payload is None:
+            self._exposed.add(nid)
+            return
+        key = (payload, digest)
+        if key not in self._checked:
+            with self._lock:
+                lock = self._checking.setdefault(key, threading.Lock())
+            with lock:
+                if key not in self._checked:
+                    check_object_once(
+                        self.objects, payload, ino.size, digest,
+                        foreign=self.options.foreign_objects,
+                    )  # fmt: skip
+                    self._checked.add(key)
+            with self._lock:
+                self._checking.pop(key, None)
+        self._exposed.add(nid)
 
     def release(self, nodeid: int, body: memoryview) -> bytes:
         fh = p.RELEASE_IN.unpack_from(body)[0]
@@ -491,11 +564,22 @@ class Filesystem:
         """The xattrs a user of the kernel mount sees, from the stored ones; interned, as
         many inodes carry the same set (an SELinux label, say)."""
         out = []
+        metadata_only = self.options.metadata_only
         for key, value in raw:
             if key.startswith(_OVERLAY):
-                if not key.startswith(_ESCAPED):
+                if key.startswith(_ESCAPED):
+                    # shown unescaped, as the kernel mount does (overlayfs with userxattr
+                    # leaves trusted.* alone)
+                    key = _OVERLAY + key[len(_ESCAPED) :]
+                elif metadata_only:
+                    # overlayfs' own (redirect, metacopy...), for overlayfs with userxattr
+                    key = _USER_OVERLAY + key[len(_OVERLAY) :]
+                else:
                     continue  # overlayfs' own: redirect, metacopy, opaque...
-                key = _OVERLAY + key[len(_ESCAPED) :]
+            elif metadata_only and key.startswith(_USER_OVERLAY):
+                # the image's own: escaped, so that overlayfs shows it unescaped and does
+                # not take it for one of its own (a whiteout, an opaque directory...)
+                key = _USER_ESCAPED + key[len(_USER_OVERLAY) :]
             if key in _ACL_NAMES and not self.acl:
                 continue
             out.append((bytes(key), bytes(value)))
@@ -508,7 +592,10 @@ class Filesystem:
         if name in _ACL_NAMES and not self.acl:
             raise OSError(errno.EOPNOTSUPP, "no ACLs in this image (or noacl)")
         # (trusted.* needs CAP_SYS_ADMIN: the kernel checks before asking)
-        for key, value in self._xattrs.get(self._nid(nodeid), ()):
+        nid = self._nid(nodeid)
+        if name in _REDIRECT_NAMES and self.getxattr_needs_object(nodeid):
+            self._expose(nid)  # raises (EIO, ENOENT) for an object that fails
+        for key, value in self._xattrs.get(nid, ()):
             if key == name:
                 return _sized(value, size)
         raise OSError(errno.ENODATA, "no such attribute")

@@ -64,15 +64,26 @@ class Connection:
 
 
 def mount_connection(
-    mountpoint: str, source: str, *, allow_other: bool = False, auto_unmount: bool = False
+    mountpoint: str,
+    source: str,
+    *,
+    allow_other: bool = False,
+    auto_unmount: bool = False,
+    default_permissions: bool = True,
 ) -> Connection:
-    """Mount an empty FUSE connection read-only at ``mountpoint``."""
+    """Mount an empty FUSE connection read-only at ``mountpoint``.
+
+    Without ``default_permissions`` the kernel checks no permission on the mount's files
+    (the lower layer of an overlayfs, which checks them on its own files instead)."""
     mountpoint = os.path.abspath(mountpoint)
     if os.geteuid() == 0:
-        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-        options = f"fd={fd},rootmode=40000,user_id=0,group_id=0,default_permissions" + (
-            ",allow_other" if allow_other else ""
-        )
+        try:
+            fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise FuseError(f"cannot open /dev/fuse: {e.strerror}") from None
+        options = f"fd={fd},rootmode=40000,user_id=0,group_id=0"
+        options += ",default_permissions" if default_permissions else ""
+        options += ",allow_other" if allow_other else ""
         flags = syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV
         try:
             syscalls.mount(source, mountpoint, "fuse.composefs", flags, options)
@@ -80,14 +91,17 @@ def mount_connection(
             os.close(fd)
             raise FuseError(f"cannot mount {mountpoint}: {e.strerror}") from None
         return Connection(fd, mountpoint, lambda: syscalls.umount(mountpoint, syscalls.MNT_DETACH))
-    return _fusermount(mountpoint, source, allow_other, auto_unmount)
+    return _fusermount(mountpoint, source, allow_other, auto_unmount, default_permissions)
 
 
-def _fusermount(mountpoint: str, source: str, allow_other: bool, auto_unmount: bool) -> Connection:
+def _fusermount(
+    mountpoint: str, source: str, allow_other: bool, auto_unmount: bool, default_permissions: bool
+) -> Connection:
     helper = shutil.which("fusermount3")
     if helper is None:
         raise FuseError("mounting as an ordinary user needs fusermount3 (Debian package fuse3)")
-    options = "ro,nosuid,nodev,default_permissions,subtype=composefs"
+    options = "ro,nosuid,nodev,subtype=composefs"
+    options += ",default_permissions" if default_permissions else ""
     options += ",fsname=" + source.replace("\\", "\\\\").replace(",", "\\,")
     if allow_other:
         options += ",allow_other"
@@ -196,6 +210,7 @@ class Session:
         answer = self._answer
         kept = self.fs.has_kept_object
         needs_object = self.fs.read_needs_object
+        xattr_needs_object = self.fs.getxattr_needs_object
         while True:
             try:
                 n = os.readv(fd, [buf])
@@ -214,6 +229,7 @@ class Session:
             if pool is not None and (
                 (opcode == p.OPEN and not kept(nodeid))
                 or (opcode == p.READ and needs_object(nodeid, body))
+                or (opcode == p.GETXATTR and xattr_needs_object(nodeid))
             ):
                 pool.submit(answer, opcode, unique, nodeid, uid, memoryview(bytes(body)))
                 continue

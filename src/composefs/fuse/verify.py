@@ -146,6 +146,7 @@ class ObjectDirs:
             raise
         self._subdirs: dict[tuple[int, bytes], int] = {}
         self._lock = threading.Lock()
+        self.trusted: set[tuple[int, int]] = set()  # (st_dev, st_ino) of safe directories
 
     def close(self) -> None:
         for fd in [*self.fds, *self._subdirs.values()]:
@@ -221,6 +222,82 @@ def open_object(
     except BaseException:
         os.close(fd)
         raise
+
+
+def check_object_once(
+    dirs: ObjectDirs, path: bytes, size: int, digest: bytes | None, *, foreign: bool
+) -> None:
+    """Check the object ``path`` of a file the kernel will read without us (overlayfs on
+    a metadata-only server): its size, and its fs-verity digest, from the kernel if the
+    object has fs-verity (which then checks every page read), else hashed here, once.
+
+    Nothing checks later reads of an object without fs-verity, so unless ``foreign`` the
+    object and its directories must be changeable by this user or root alone: owned by
+    one of them, not writable by group or others.  Raises :class:`ObjectError` (EIO, or
+    ENOENT for a missing object), having logged the object and the reason.
+    """
+    try:
+        fd, name = dirs.open(path)
+    except FileNotFoundError:
+        log.error("object %s not found in %s", os.fsdecode(path), ":".join(dirs.names))
+        raise ObjectError(errno.ENOENT, f"object {os.fsdecode(path)} is missing") from None
+    try:
+        st = os.fstat(fd)
+        if not foreign:
+            reason = _writable_by_others(dirs, path, name, st)
+            if reason is not None:
+                log.error(
+                    "object %s: %s, so others could change it after it is checked; refused "
+                    "(fs-verity, or allowing foreign objects, would accept it)", name, reason,
+                )  # fmt: skip
+                raise ObjectError(errno.EIO, f"object {name} is not trusted")
+        if digest is None:
+            log.error("object %s: the image records no digest to check it against", name)
+            raise ObjectError(errno.EIO, f"object {name} cannot be verified")
+        if st.st_size != size:
+            log.error("object %s has %d bytes, the image says %d", name, st.st_size, size)
+            raise ObjectError(errno.EIO, f"object {name} has the wrong size")
+        measured = fsverity.measure_verity(fd, st.st_dev)
+        if measured is None:
+            _leaves, measured = fsverity.block_hashes_fd(fd, size, workers=_WORKERS)
+        if measured != digest:
+            log.error(
+                "object %s has fs-verity digest %s, not %s", name, measured.hex(), digest.hex()
+            )
+            raise ObjectError(errno.EIO, f"object {name} failed verification")
+    finally:
+        os.close(fd)
+
+
+def trusted_owner(st: os.stat_result) -> str | None:
+    """None if only this user or root can change the file or directory ``st``, else why
+    not ("owned by uid 1000", "writable by group")."""
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        return f"writable by {'group' if st.st_mode & 0o020 else 'others'}"
+    return None
+
+
+def _writable_by_others(dirs: ObjectDirs, path: bytes, name: str, st: os.stat_result) -> str | None:
+    """What lets someone else change the object ``name`` (``path`` below its object
+    directory): the file itself, or a directory on the way (which could swap it); None if
+    nothing does."""
+    reason = trusted_owner(st)
+    if reason is not None:
+        return f"it is {reason}"
+    where = name[: len(name) - len(os.fsdecode(path))].rstrip("/") or "/"
+    for part in ["", *os.fsdecode(path).split("/")[:-1]]:
+        where = os.path.join(where, part) if part else where
+        dst = os.stat(where)
+        key = (dst.st_dev, dst.st_ino)
+        if key in dirs.trusted:
+            continue
+        reason = trusted_owner(dst)
+        if reason is not None:
+            return f"its directory {where} is {reason}"
+        dirs.trusted.add(key)
+    return None
 
 
 def _checked(
