@@ -606,3 +606,23 @@ def test_metadata_only_server_unit(tmp_path: Path) -> None:
         fs = Filesystem(image, [str(store)], options)
         assert fs.getxattr(big, _xattr_request(b"user.overlay.redirect"), 0).startswith(b"/")
         fs.close()
+
+
+def test_verity_require_reaches_overlayfs(
+    private: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where fs-verity is available overlayfs gets verity=require and enforces it: here
+    (no fs-verity, the probe made to say otherwise) every object then fails to open, the
+    server having checked nothing."""
+    from composefs import fsverity
+
+    _src, store, image = private
+    (image.parent / "mnt").mkdir(exist_ok=True)
+    monkeypatch.setattr(fsverity, "verity_supported", lambda _path: True)
+    options = MountOptions(basedirs=(str(store),), try_verity=True)
+    with mount_rootless(image, image.parent / "mnt", options, userns=False) as stack:
+        assert stack.checks.startswith("kernel fs-verity")
+        assert "verity=require" in Path("/proc/self/mountinfo").read_text()
+        with pytest.raises(OSError) as e:
+            (Path(stack.path) / "large").read_bytes()
+        assert e.value.errno == 5

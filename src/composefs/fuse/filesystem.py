@@ -157,7 +157,7 @@ class Filesystem:
         self._xattr_sets: dict[_Xattrs, _Xattrs] = {}
         # metadata_only: the placeholders (files overlayfs follows into an object), those
         # whose object was checked, and the objects checked (by path and digest)
-        self._placeholders: set[int] = set()
+        self._placeholders: dict[int, int] = {}  # nid: size
         self._exposed: set[int] = set()
         self._checked: set[tuple[bytes, bytes | None]] = set()
         self._checking: dict[tuple[bytes, bytes | None], threading.Lock] = {}
@@ -256,7 +256,7 @@ class Filesystem:
                     and ftype == S_IFREG
                     and any(key == _REDIRECT_NAMES[1] for key, _value in visible)
                 ):
-                    self._placeholders.add(ino.nid)
+                    self._placeholders[ino.nid] = ino.size
         if ftype == S_IFLNK:
             image.readlink(ino)
         elif ftype == S_IFREG and ino.size and ino.layout != fmt.EROFS_INODE_CHUNK_BASED:
@@ -496,10 +496,14 @@ class Filesystem:
             return False
         return not self._content_at_hand(self._nid(nodeid))
 
-    def getxattr_needs_object(self, nodeid: int) -> bool:
-        """Whether a getxattr must first check an object (metadata_only)."""
+    def getxattr_needs_object(self, nodeid: int, at_least: int = 0) -> bool:
+        """Whether a getxattr must first check an object (metadata_only) of ``at_least``
+        bytes."""
         nid = self._nid(nodeid)
-        return self._gated and nid in self._placeholders and nid not in self._exposed
+        return (
+            self._gated and self._placeholders.get(nid, -1) >= at_least
+            and nid not in self._exposed
+        )  # fmt: skip
 
     def _expose(self, nid: int) -> None:
         """Check a placeholder's object before overlayfs may follow it: once per object

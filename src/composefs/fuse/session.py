@@ -38,6 +38,9 @@ log = logging.getLogger("composefs.fuse")
 _BUFFER = 64 << 10
 _MAX_WRITE = 32 << 10
 _MAX_PAGES = 256  # reads of up to 1 MiB
+# Objects checked in a pool thread rather than in the request loop: a smaller one costs
+# less to hash than the hand-over to a thread.
+_POOL_CHECK = 256 << 10
 
 
 class FuseError(ComposefsError):
@@ -229,7 +232,7 @@ class Session:
             if pool is not None and (
                 (opcode == p.OPEN and not kept(nodeid))
                 or (opcode == p.READ and needs_object(nodeid, body))
-                or (opcode == p.GETXATTR and xattr_needs_object(nodeid))
+                or (opcode == p.GETXATTR and xattr_needs_object(nodeid, _POOL_CHECK))
             ):
                 pool.submit(answer, opcode, unique, nodeid, uid, memoryview(bytes(body)))
                 continue

@@ -146,7 +146,7 @@ class ObjectDirs:
             raise
         self._subdirs: dict[tuple[int, bytes], int] = {}
         self._lock = threading.Lock()
-        self.trusted: set[tuple[int, int]] = set()  # (st_dev, st_ino) of safe directories
+        self.trusted: set[str] = set()  # directories only this user or root can change
 
     def close(self) -> None:
         for fd in [*self.fds, *self._subdirs.values()]:
@@ -286,17 +286,17 @@ def _writable_by_others(dirs: ObjectDirs, path: bytes, name: str, st: os.stat_re
     reason = trusted_owner(st)
     if reason is not None:
         return f"it is {reason}"
+    # A directory found safe stays so: only its owner (this user or root) could change
+    # that, and only the owner of its (safe) parent could replace it.
     where = name[: len(name) - len(os.fsdecode(path))].rstrip("/") or "/"
     for part in ["", *os.fsdecode(path).split("/")[:-1]]:
         where = os.path.join(where, part) if part else where
-        dst = os.stat(where)
-        key = (dst.st_dev, dst.st_ino)
-        if key in dirs.trusted:
+        if where in dirs.trusted:
             continue
-        reason = trusted_owner(dst)
+        reason = trusted_owner(os.stat(where))
         if reason is not None:
             return f"its directory {where} is {reason}"
-        dirs.trusted.add(key)
+        dirs.trusted.add(where)
     return None
 
 
