@@ -458,11 +458,7 @@ class Repository:
         return out
 
     def _image_ids(self) -> list[str]:
-        try:
-            names = os.listdir(self.images_dir)
-        except FileNotFoundError:
-            return []
-        return sorted(n for n in names if is_image_id(n))
+        return [n for n in _listdir(self.images_dir) if is_image_id(n)]
 
     def image_objects(self, image_id: str) -> dict[str, int]:
         """The objects an image uses: ``XX/<62 hex>`` -> size."""
@@ -846,15 +842,11 @@ class Repository:
                     f"OCI ref '{unquote(quoted)}' is broken (not a link to an object); "
                     "remove it (oci rm) before gc"
                 )
-            self.oci_record(unquote(quoted))  # a record that cannot be read stops gc too
+            # a record that cannot be read stops gc in _pinned, which reads every one
 
     def _object_files(self) -> Iterator[tuple[str, os.stat_result]]:
         """Every well-named object file: (``XX/<62 hex>``, lstat)."""
-        try:
-            top = sorted(os.listdir(self.objects))
-        except FileNotFoundError:
-            return
-        for d in top:
+        for d in _listdir(self.objects):
             if not _OBJECT_DIR.fullmatch(d):
                 continue
             with os.scandir(self.objects / d) as it:
@@ -863,10 +855,7 @@ class Repository:
                         yield f"{d}/{entry.name}", entry.stat(follow_symlinks=False)
 
     def _temporary_files(self) -> list[str]:
-        try:
-            return [n for n in os.listdir(self.objects) if n.startswith(TEMP_PREFIX)]
-        except FileNotFoundError:
-            return []
+        return [n for n in _listdir(self.objects) if n.startswith(TEMP_PREFIX)]
 
     # -- checking ------------------------------------------------------------------------------
 
@@ -890,7 +879,7 @@ class Repository:
 
     def _fsck_objects(self, result: FsckResult, progress: Progress | None) -> list[str]:
         names: list[str] = []
-        for d in sorted(os.listdir(self.objects)) if self.objects.is_dir() else []:
+        for d in _listdir(self.objects) if self.objects.is_dir() else []:
             full = self.objects / d
             if d.startswith(TEMP_PREFIX):
                 continue

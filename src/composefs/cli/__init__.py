@@ -21,6 +21,14 @@ def fail(prog: str, message: str, status: int = 1) -> int:
     return status
 
 
+def print_json(value: object) -> None:
+    """Machine-readable output (``--json``): indented, one trailing newline."""
+    import json
+
+    json.dump(value, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
 def show_path(path: bytes | str) -> str:
     if isinstance(path, bytes):
         return path.decode("utf-8", "backslashreplace")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from composefs.cli import console_entry, fail
+from composefs.cli import console_entry, fail, print_json
 from composefs.cli.args import ToolArgumentParser, UsageError, run_tool
 from composefs.errors import ComposefsError
 from composefs.progress import human_size as _size
@@ -251,7 +250,7 @@ def _import_unmanaged(repo: Any, a: argparse.Namespace) -> int:
     finally:
         bar.done()
     if a.json:
-        _print_json(asdict(result))
+        print_json(asdict(result))
     else:
         print(result.image_id)
     return 0
@@ -269,7 +268,7 @@ def _load_tree(source: str, is_image: bool) -> Any:
 def _images(repo: Any, a: argparse.Namespace) -> int:
     entries = repo.images()
     if a.json:
-        _print_json([asdict(e) for e in entries])
+        print_json([asdict(e) for e in entries])
         return 0
     for e in entries:
         size = "missing" if e.size is None else _size(e.size)
@@ -286,7 +285,7 @@ def _ref(repo: Any, a: argparse.Namespace) -> int:
     else:
         refs = repo.refs()
         if a.json:
-            _print_json(refs)
+            print_json(refs)
         else:
             for name, image_id in refs.items():
                 print(f"{name} -> {image_id}")
@@ -309,7 +308,7 @@ def _mount(repo: Any, a: argparse.Namespace) -> int:
 def _gc(repo: Any, a: argparse.Namespace) -> int:
     r = repo.gc(dry_run=a.dry_run)
     if a.json:
-        _print_json(asdict(r))
+        print_json(asdict(r))
         return 0
     verb = "would remove" if r.dry_run else "removed"
     for image_id in r.images_removed:
@@ -330,7 +329,7 @@ def _fsck(repo: Any, a: argparse.Namespace) -> int:
     finally:
         bar.done()
     if a.json:
-        _print_json(r.to_json())
+        print_json(r.to_json())
     else:
         for p in r.problems:
             print(f"{p.path}: {p.kind}: {p.detail}")
@@ -349,7 +348,7 @@ def _fsck(repo: Any, a: argparse.Namespace) -> int:
 def _stats(repo: Any, a: argparse.Namespace) -> int:
     s = repo.stats()
     if a.json:
-        _print_json(asdict(s))
+        print_json(asdict(s))
         return 0
     heads = ("FILES", "CONTENT", "STORED", "UNIQUE", "SHARED")
     print(f"{'IMAGE':<16} {heads[0]:>8} " + " ".join(f"{h:>10}" for h in heads[1:]) + "  REFS")
@@ -365,11 +364,6 @@ def _stats(repo: Any, a: argparse.Namespace) -> int:
         f"unreferenced {s.unreferenced_objects} objects, {_size(s.unreferenced_bytes)}"
     )
     return 0
-
-
-def _print_json(value: object) -> None:
-    json.dump(value, sys.stdout, indent=2)
-    sys.stdout.write("\n")
 
 
 def _oci(repo: Any, a: argparse.Namespace) -> int:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from typing import Any
 
-from composefs.cli import fail
+from composefs.cli import fail, print_json
 from composefs.cli.args import UsageError
 from composefs.oci.image import OciError
 from composefs.progress import Progress
@@ -52,7 +51,7 @@ def _pull(repo: Repository, a: argparse.Namespace) -> int:
         for bar in bars.values():
             bar.done()
     if a.json:
-        _print_json(asdict(result))
+        print_json(asdict(result))
     else:
         print(result.image_id)
     return 0
@@ -70,7 +69,7 @@ def _images(repo: Repository, a: argparse.Namespace) -> int:
             "layers": len(record.get("layers", [])),
         })  # fmt: skip
     if a.json:
-        _print_json(rows)
+        print_json(rows)
         return 0
     for r in rows:
         print(f"{r['name']}  {str(r['image'])[:16]}  {r['platform']}  {r['layers']} layers")
@@ -94,7 +93,7 @@ def _inspect(repo: Repository, a: argparse.Namespace) -> int:
         data = repo.read_object(str(record["manifest" if a.manifest else "config"]))
         sys.stdout.buffer.write(data)
         return 0
-    _print_json(record)
+    print_json(record)
     return 0
 
 
@@ -114,11 +113,6 @@ def _rm(repo: Repository, a: argparse.Namespace) -> int:
     for name in a.names:
         repo.remove_oci_ref(name)
     return 0
-
-
-def _print_json(value: Any) -> None:
-    json.dump(value, sys.stdout, indent=2)
-    sys.stdout.write("\n")
 
 
 _COMMANDS = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 from typing import IO
 
-from composefs.oci.image import Descriptor, Manifest, OciError, index_entries, is_index
-from composefs.oci.registry import RegistryClient, parse_reference, select_platform
+from composefs.oci.image import Descriptor, Manifest
+from composefs.oci.registry import RegistryClient, parse_reference
 from composefs.oci.sources import Source
 
 
@@ -25,13 +25,11 @@ class RegistrySource(Source):
 
     def manifest(self, platform: str) -> Manifest:
         got = self.client.get_manifest(self.ref.repository, self.ref.reference)
-        for _depth in range(4):  # an index of indexes is allowed, a loop is not
-            if not is_index(got.data, got.media_type):
-                return Manifest.parse(got.data, got.digest)
-            index_entries(got.data, f"{self.name}: index {got.digest}")  # checks descriptors
-            chosen = Descriptor.parse(select_platform(got.data, platform), self.name)
-            got = self.client.get_manifest(self.ref.repository, chosen.digest)
-        raise OciError(f"{self.name}: indexes nested too deep")
+        return self._resolve(got.data, got.digest, platform, got.media_type)
+
+    def _fetch_manifest(self, desc: Descriptor) -> tuple[bytes, str | None]:
+        got = self.client.get_manifest(self.ref.repository, desc.digest)  # checked
+        return got.data, got.media_type
 
     def blob(self, desc: Descriptor) -> IO[bytes]:
         reader = self.client.open_blob(self.ref.repository, desc.digest, size=desc.size)

@@ -55,14 +55,21 @@ class Source(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _resolve(self, raw: bytes, digest: str, platform: str) -> Manifest:
+    def _fetch_manifest(self, desc: Descriptor) -> tuple[bytes, str | None]:
+        """A manifest or index an index names: (its bytes, checked; its media type if
+        known).  Layouts and archives keep them as blobs; registries override this."""
+        return read_verified(self.blob(desc), desc.digest, desc.size, desc.digest), None
+
+    def _resolve(
+        self, raw: bytes, digest: str, platform: str, media_type: str | None = None
+    ) -> Manifest:
         """Follow an index down to the manifest for ``platform``."""
         for _depth in range(4):  # an index of indexes is allowed, a loop is not
-            if not is_index(raw):
+            if not is_index(raw, media_type):
                 return Manifest.parse(raw, digest)
             index_entries(raw, f"{self.name}: index {digest}")  # checks every descriptor
             chosen = Descriptor.parse(select_platform(raw, platform), f"{self.name}: index")
-            raw = read_verified(self.blob(chosen), chosen.digest, chosen.size, chosen.digest)
+            raw, media_type = self._fetch_manifest(chosen)
             digest = chosen.digest
         raise OciError(f"{self.name}: indexes nested too deep")
 
@@ -91,7 +98,7 @@ class LayoutSource(Source):
         with self._open("index.json") as f:
             index = f.read(4 << 20)
         chosen = _by_tag(index_entries(index, f"{self.name}: index.json"), self.tag, self.name)
-        raw = read_verified(self.blob(chosen), chosen.digest, chosen.size, chosen.digest)
+        raw, _type = self._fetch_manifest(chosen)
         return self._resolve(raw, chosen.digest, platform)
 
 
@@ -100,13 +107,7 @@ class OciArchiveSource(LayoutSource):
 
     def __init__(self, path: str, tag: str | None, name: str) -> None:
         super().__init__(path, tag, name)
-        try:
-            self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 (open for the source's life)
-            self.members = {
-                m.name.removeprefix("./"): m for m in self.tar.getmembers() if m.isreg()
-            }
-        except (OSError, tarfile.TarError) as e:
-            raise OciError(f"{name}: cannot read the archive: {e}") from None
+        self.tar, self.members = _open_archive(path, name)
 
     def _open(self, rel: str) -> IO[bytes]:
         member = self.members.get(rel)
@@ -127,13 +128,7 @@ class DockerArchiveSource(Source):
     def __init__(self, path: str, ref: str | None, name: str) -> None:
         self.name = name
         self.ref = ref
-        try:
-            self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 (open for the source's life)
-            self.members = {
-                m.name.removeprefix("./"): m for m in self.tar.getmembers() if m.isreg()
-            }
-        except (OSError, tarfile.TarError) as e:
-            raise OciError(f"{name}: cannot read the archive: {e}") from None
+        self.tar, self.members = _open_archive(path, name)
         self.paths: dict[str, str] = {}  # blob digest -> member name
 
     def _read(self, rel: str, limit: int = 4 << 20) -> bytes:
@@ -207,6 +202,15 @@ class DockerArchiveSource(Source):
 
     def close(self) -> None:
         self.tar.close()
+
+
+def _open_archive(path: str, name: str) -> tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]:
+    """An archive opened for the source's life, and its files by name (``./`` dropped)."""
+    try:
+        tar = tarfile.open(path, "r:*")  # noqa: SIM115 (closed by the source)
+        return tar, {m.name.removeprefix("./"): m for m in tar.getmembers() if m.isreg()}
+    except (OSError, tarfile.TarError) as e:
+        raise OciError(f"{name}: cannot read the archive: {e}") from None
 
 
 def _digest_of_path(path: str) -> str | None:
