@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import CS9_DUMP, find_reference, measure
+from measure import CS9_DUMP, find_reference, measure, our_builds
 
 from composefs import dumpfile
 from composefs.erofs.reader import Image
@@ -29,10 +29,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dump", type=Path, default=CS9_DUMP)
     ap.add_argument("--reference", help="path of the reference composefs-info")
-    ap.add_argument("--ours", default=str(Path(sys.executable).parent / "composefs-info"))
+    ap.add_argument("--ours", help="our composefs-info (default: the pure and compiled builds)")
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    reference = find_reference(args.reference, "composefs-info", args.ours)
+    ours = our_builds("composefs-info", args.ours)
+    reference = find_reference(args.reference, "composefs-info", ours["composefs-py"])
 
     data = args.dump.read_bytes()
     if args.dump.suffix == ".gz":
@@ -41,7 +42,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "image.img"
         image.write_bytes(image_bytes)
-        tools = {"composefs-py": args.ours}
+        tools = dict(ours)
         if reference:
             tools["reference"] = reference
         for _label, extra in (("dump", ["dump"]), ("filtered ls", ["--filter=etc", "ls"])):
@@ -57,11 +58,14 @@ def main() -> int:
             for name, (wall, cpu) in best.items():
                 print(f"  {name:13s} wall {wall:6.3f} s  cpu {cpu:6.3f} s")
             if "reference" in best:
-                ours, ref = best["composefs-py"], best["reference"]
+                ref = best["reference"]
                 same = "identical" if len(set(outputs.values())) == 1 else "OUTPUT DIFFERS"
-                print(
-                    f"  ratio: wall {ours[0] / ref[0]:.2f}x, cpu {ours[1] / ref[1]:.2f}x ({same})"
-                )
+                for name in ours:
+                    wall, cpu = best[name]
+                    print(
+                        f"  ratio {name}/reference: wall {wall / ref[0]:.2f}x,"
+                        f" cpu {cpu / ref[1]:.2f}x ({same})"
+                    )
 
         with Image(image) as img:
             n = 2000

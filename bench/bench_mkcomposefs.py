@@ -11,27 +11,27 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from measure import CS9_DUMP, REPO, find_reference, measure
+from measure import CS9_DUMP, find_reference, measure, our_builds
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dump", type=Path, default=CS9_DUMP)
     ap.add_argument("--reference", help="path of the reference mkcomposefs")
-    ap.add_argument("--ours", default=shutil.which("mkcomposefs", path=str(REPO / ".venv/bin")))
+    ap.add_argument("--ours", help="our mkcomposefs (default: the pure and compiled builds)")
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    reference = find_reference(args.reference, "mkcomposefs", args.ours)
+    ours = our_builds("mkcomposefs", args.ours)
+    reference = find_reference(args.reference, "mkcomposefs", ours["composefs-py"])
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "input.dump"
         data = args.dump.read_bytes()
         dump.write_bytes(gzip.decompress(data) if args.dump.suffix == ".gz" else data)
-        tools = {"composefs-py": args.ours}
+        tools = dict(ours)
         if reference:
             tools["reference"] = reference
         best: dict[str, tuple[float, float, int]] = {}
@@ -47,9 +47,10 @@ def main() -> int:
     for name, (wall, cpu, rss) in best.items():
         print(f"  {name:13s} wall {wall:6.3f} s  cpu {cpu:6.3f} s  peak RSS {rss / 1024:6.1f} MiB")
     if "reference" in best:
-        ours, ref = best["composefs-py"], best["reference"]
-        wall_ratio, cpu_ratio = ours[0] / ref[0], ours[1] / ref[1]
-        print(f"  ratio composefs-py/reference: wall {wall_ratio:.2f}x, cpu {cpu_ratio:.2f}x")
+        ref = best["reference"]
+        for name in ours:
+            wall, cpu, _rss = best[name]
+            print(f"  ratio {name}/reference: wall {wall / ref[0]:.2f}x, cpu {cpu / ref[1]:.2f}x")
         if len(set(digests.values())) != 1:
             print("  IMAGES DIFFER:", digests)
             return 1

@@ -29,6 +29,20 @@ def measure(cmd: list[str]) -> tuple[float, float, int, bytes]:
     return float(wall), float(cpu), int(rss), out
 
 
+COMPILED_BIN = REPO / "build/compiled-venv/bin"
+
+
+def our_builds(tool: str, given: str | None) -> dict[str, str]:
+    """Our builds of ``tool`` to time: the one given, else the pure build of the running
+    venv and, when scripts/build-compiled.sh has made it, the mypyc-compiled build."""
+    if given:
+        return {"composefs-py": given}
+    builds = {"composefs-py": str(Path(sys.executable).parent / tool)}
+    if (COMPILED_BIN / tool).exists():
+        builds["compiled"] = str(COMPILED_BIN / tool)
+    return builds
+
+
 def find_reference(given: str | None, name: str, ours: str) -> str | None:
     """The reference tool to compare with: as given, else ``name`` on PATH; None when
     there is none, or when what PATH finds is ours."""

@@ -40,3 +40,16 @@ fi
 # on these machines) every command would compile them again at start-up.
 .venv/bin/python -m compileall -q src >/dev/null
 .venv/bin/python -c "import composefs" # fail loudly if the install did not work
+
+# The fast build of the same package, with its hot modules compiled by mypyc, goes into
+# build/compiled-venv: the demo runs it and the tests run against it too.  COMPOSEFS_PURE=1
+# skips it; without a compiler (and not root to install one) only the pure build exists.
+if [ "${COMPOSEFS_PURE:-0}" != 1 ]; then
+  status=0
+  bash scripts/build-compiled.sh >/dev/null || status=$?
+  if [ "$status" = 3 ]; then
+    echo "bootstrap: no compiled build; the pure build in .venv does everything, slower" >&2
+  elif [ "$status" != 0 ]; then
+    exit "$status"
+  fi
+fi

@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec .venv/bin/python examples/demo.py "$@"
+python=.venv/bin/python
+[ -x build/compiled-venv/bin/python ] && python=build/compiled-venv/bin/python # the fast build
+exec "$python" examples/demo.py "$@"

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 
 import pytest
-from conftest import SHARED
+from conftest import SHARED, pure_python_only
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -450,6 +450,7 @@ def test_fast_and_careful_paths_agree(lines: list[bytes], strict: bool, root: bo
     assert fast == careful
 
 
+@pure_python_only
 def test_fast_path_sets_every_inode_field() -> None:
     # The fast path fills an Inode's slots itself rather than calling Inode(): a slot it
     # forgot would only show as an AttributeError when first read.

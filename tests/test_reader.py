@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, UPSTREAM, Asset, asset_params, needs_upstream
+from conftest import REPO, UPSTREAM, Asset, asset_params, needs_upstream, pure_python_only
 from randomtree import random_dump
 
 from composefs import dumpfile
@@ -96,6 +96,7 @@ def test_lazy_api() -> None:
 
 
 @needs_upstream
+@pure_python_only
 def test_lookup_touches_only_the_path() -> None:
     """Resolving one path reads only the inodes on that path."""
     tree = dumpfile.parse(gzip.decompress((UPSTREAM / "cs9-x86_64-developer.dump.gz").read_bytes()))
