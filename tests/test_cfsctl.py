@@ -487,6 +487,21 @@ def test_gc(repo: Repo, tmp_path: Path) -> None:
     assert object_files(repo.path) == {}
 
 
+def test_import_without_a_ref_warns_that_gc_removes_it(repo: Repo, tmp_path: Path) -> None:
+    src = tree_a(tmp_path / "a")
+    r = run("--repo", str(repo.path), "import", str(src))
+    image_id = r.stdout.strip()
+    assert r.returncode == 0 and len(image_id) == 64
+    assert r.stderr == (
+        f"cfsctl: note: no ref names image {image_id[:16]}; the next gc removes it"
+        f" (import with --ref NAME, or: cfsctl ref add NAME {image_id})\n"
+    )
+    # named by a ref (this import's or an earlier one's), it is kept: no note
+    for args in (("--ref", "a"), ()):
+        r = run("--repo", str(repo.path), "import", str(src), *args)
+        assert r.returncode == 0 and r.stdout.strip() == image_id and r.stderr == ""
+
+
 # -- fsck --------------------------------------------------------------------------------------
 
 

@@ -249,6 +249,12 @@ def _import_unmanaged(repo: Any, a: argparse.Namespace) -> int:
                 return fail(PROG, str(e))
     finally:
         bar.done()
+    if a.ref is None and result.image_id not in repo.refs().values():
+        # as in composefs-rs, an image nothing names is garbage: say so before gc proves it
+        sys.stderr.write(
+            f"{PROG}: note: no ref names image {result.image_id[:16]}; the next gc removes"
+            f" it (import with --ref NAME, or: {PROG} ref add NAME {result.image_id})\n"
+        )
     if a.json:
         print_json(asdict(result))
     else:
