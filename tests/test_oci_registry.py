@@ -36,6 +36,7 @@ from registry import (
     sha256,
 )
 
+import composefs.oci.registry as registry_module
 from composefs.errors import ComposefsError
 from composefs.oci import registry as reg_mod
 from composefs.oci.registry import (
@@ -814,3 +815,39 @@ def test_broken_transfers_stub() -> None:
         assert client.get_manifest("a/b", "generic").media_type == MEDIA_OCI_MANIFEST
         with pytest.raises(RegistryError, match=r"a/b:other: HTTP 500 Internal Server Error: <html>oops</html>"):  # fmt: skip
             client.get_manifest("a/b", "other")
+
+
+def test_try_again_later_is_retried_stub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stub: 429/503 answers are retried after a pause (Retry-After when given, bounded),
+    then the answer stands; other errors are not retried."""
+    pauses: list[float] = []
+    monkeypatch.setattr(registry_module.time, "sleep", pauses.append)
+    answers: dict[str, list[tuple[int, dict[str, str]]]] = {
+        "flaky": [(503, {}), (429, {"Retry-After": "7"}), (502, {"Retry-After": "nan"})],
+        "down": [(503, {"Retry-After": "3600"})] * 10,
+        "gone": [(404, {})],
+    }
+
+    def serve(req: BaseHTTPRequestHandler, seen: Seen) -> None:
+        tag = seen.path.rsplit("/", 1)[1]
+        queue = answers[tag]
+        if queue:
+            status, headers = queue.pop(0)
+            reply(req, status, b'{"errors":[{"code":"UNAVAILABLE","message":"busy"}]}', headers)
+        else:
+            reply(req, 200, MANIFEST, {"Content-Type": MEDIA_OCI_MANIFEST})
+
+    stub = Stub("registry", serve)
+    with stubs(stub):
+        client = RegistryClient(_host(stub), insecure_http=True)
+        assert client.get_manifest("a/b", "flaky").media_type == MEDIA_OCI_MANIFEST
+        assert pauses == [0.5, 7.0, 2.0]  # the default, as asked, the default for nonsense
+        pauses.clear()
+        with pytest.raises(RegistryError, match=r"a/b:down: HTTP 503 .*busy") as info:
+            client.get_manifest("a/b", "down")
+        assert info.value.status == 503 and pauses == [30.0] * 3  # bounded; then it stands
+        assert len(answers["down"]) == 10 - 4
+        pauses.clear()
+        with pytest.raises(RegistryError, match="HTTP 404"):
+            client.get_manifest("a/b", "gone")
+        assert pauses == []

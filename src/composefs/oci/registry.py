@@ -69,6 +69,12 @@ _HOST_RE = re.compile(
     r"(?::[0-9]{1,5})?"
 )
 _CHUNK = 1 << 16
+# Answers that say "try again later" (rate limits, a proxy or backend briefly down); a
+# request that got one is sent again after these pauses, or after the Retry-After the
+# registry asks for (at most MAX_RETRY_AFTER seconds), then the answer stands.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+RETRY_DELAYS = (0.5, 1.0, 2.0)
+MAX_RETRY_AFTER = 30.0
 
 
 class RegistryError(ComposefsError):
@@ -421,6 +427,7 @@ class RegistryClient:
         self.tls_verify = tls_verify
         self.creds = creds
         self.timeout = timeout
+        self.retry_delays: tuple[float, ...] = RETRY_DELAYS
         if insecure_http:
             self._schemes = ["http"]
         elif insecure_http is None and not tls_verify:
@@ -479,6 +486,18 @@ class RegistryClient:
     def _open_url(self, request: urllib.request.Request) -> Any:
         return self._opener.open(request, timeout=self.timeout)
 
+    def _open_retrying(self, request: urllib.request.Request) -> Any:
+        """``_open_url``, sent again while the registry answers "try again later"."""
+        for delay in self.retry_delays:
+            try:
+                return self._open_url(request)
+            except urllib.error.HTTPError as err:
+                if err.code not in RETRY_STATUSES:
+                    raise
+                time.sleep(_retry_after(err.headers, delay))
+                err.close()
+        return self._open_url(request)
+
     def _send(
         self,
         method: str,
@@ -497,7 +516,7 @@ class RegistryClient:
             if auth:
                 request.add_unredirected_header("Authorization", auth)
             try:
-                response = self._open_url(request)
+                response = self._open_retrying(request)
             except urllib.error.HTTPError:
                 self.scheme = scheme
                 raise
@@ -547,7 +566,7 @@ class RegistryClient:
                 )
             request.add_unredirected_header("Authorization", basic)
         try:
-            with self._open_url(request) as response:
+            with self._open_retrying(request) as response:
                 body = response.read(MAX_MANIFEST_SIZE)
         except urllib.error.HTTPError as err:
             hint = "check the credentials" if basic else "no credentials were given"
@@ -749,6 +768,18 @@ class RegistryClient:
         response = self._request("HEAD", f"/v2/{repository}/blobs/{digest}", repository, digest)
         with response:
             return _content_length(response.headers)
+
+
+def _retry_after(headers: Message | None, default: float) -> float:
+    """The pause a Retry-After header asks for (seconds; dates are not honoured), bounded."""
+    value = headers.get("Retry-After", "") if headers is not None else ""
+    try:
+        asked = float(value)
+    except ValueError:
+        return default
+    if not asked >= 0.0:  # NaN
+        return default
+    return min(asked, MAX_RETRY_AFTER)
 
 
 def _content_length(headers: Message) -> int | None:
