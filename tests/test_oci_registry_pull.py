@@ -104,3 +104,32 @@ def test_basic_auth(auth_registry: LocalRegistry, tmp_path: Path) -> None:
     assert auth_registry.creds is not None
     result = pull(repo, source, tls_verify=False, creds=auth_registry.creds)
     assert result.layers_fetched == 1
+
+
+def test_credentials_saved_by_skopeo_login(
+    auth_registry: LocalRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The auth file a real `skopeo login` writes gives pull its credentials: named by
+    --authfile, or found through REGISTRY_AUTH_FILE as the containers tools look."""
+    layout = tmp_path / "layout"
+    build_image(layout, "t", [Layer(files={"g": os.urandom(3000)})])
+    auth_registry.push(layout, "t", "private/saved")
+    assert auth_registry.creds is not None
+    user, password = auth_registry.creds
+    authfile = tmp_path / "auth.json"
+    run("skopeo", "login", "--authfile", authfile, "--tls-verify=false", "-u", user,
+        "--password-stdin", auth_registry.host, input=password)  # fmt: skip
+    repo, _ = Repository.init(tmp_path / "repo")
+    source = f"docker://{auth_registry.host}/private/saved:t"
+    base = ["--repo", str(repo.path), "oci", "pull", "--tls-verify=false", source]
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "nothing-here.json"))
+    assert cfsctl.main(base) == 1
+    assert "UNAUTHORIZED" in capsys.readouterr().err
+    assert cfsctl.main([*base, "a", "--authfile", str(authfile)]) == 0
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(authfile))
+    assert cfsctl.main([*base, "b"]) == 0
+    assert sorted(repo.oci_refs()) == ["a", "b"]
+    capsys.readouterr()
+    assert cfsctl.main([*base, "--authfile", str(tmp_path / "missing.json")]) == 1
+    assert capsys.readouterr().err == f"cfsctl: auth file {tmp_path}/missing.json: no such file\n"

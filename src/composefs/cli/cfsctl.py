@@ -109,7 +109,14 @@ def _parser() -> ToolArgumentParser:
                    "docker-archive:FILE[:REPO:TAG]")  # fmt: skip
     o.add_argument("name", nargs="?", help="the OCI ref to give it (default: SOURCE)")
     o.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: this machine's")
-    o.add_argument("--creds", metavar="USER[:PASSWORD]", help="registry credentials")
+    o.add_argument(
+        "--creds", metavar="USER[:PASSWORD]",
+        help="registry credentials (default: those podman/skopeo/docker login saved)",
+    )  # fmt: skip
+    o.add_argument(
+        "--authfile", metavar="PATH",
+        help="read credentials from this containers-auth.json(5) file only",
+    )  # fmt: skip
     o.add_argument(
         "--tls-verify", default="true", choices=("true", "false"),
         help="false: accept any certificate, or plain http (local registries)",

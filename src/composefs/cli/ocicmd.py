@@ -32,6 +32,10 @@ def _pull(repo: Repository, a: argparse.Namespace) -> int:
         if not user:
             raise UsageError(f"{PROG}: --creds: USER[:PASSWORD]")
         creds = (user, password)
+    elif a.source.startswith("docker:"):
+        creds = _logged_in_creds(a.source, a.authfile)
+    elif a.authfile is not None:
+        raise UsageError(f"{PROG}: --authfile goes with docker:// sources")
     bars: dict[int, Progress] = {}
 
     def progress(index: int, count: int, done: int, total: int | None) -> None:
@@ -55,6 +59,18 @@ def _pull(repo: Repository, a: argparse.Namespace) -> int:
     else:
         print(result.image_id)
     return 0
+
+
+def _logged_in_creds(source: str, authfile: str | None) -> tuple[str, str] | None:
+    """Credentials ``podman login``/``docker login`` saved for the source's registry."""
+    from composefs.oci.auth import find_credentials
+    from composefs.oci.registry import RegistryError, parse_reference
+
+    try:
+        ref = parse_reference(source.removeprefix("docker:").removeprefix("//"))
+    except RegistryError:
+        return None  # pull names what is wrong with it
+    return find_credentials(ref.host, ref.repository, authfile=authfile)
 
 
 def _images(repo: Repository, a: argparse.Namespace) -> int:
