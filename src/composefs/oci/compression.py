@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Callable
 from typing import IO, Any
 
 from composefs.errors import ComposefsError
@@ -27,13 +28,17 @@ class DecompressionError(ComposefsError):
     """A layer could not be decompressed, or expands beyond the limits."""
 
 
-class _Counted(io.RawIOBase):
-    """The compressed input, its first bytes put back, counting what is read."""
+class CountingReader(io.RawIOBase):
+    """A stream counting what is read through it (and telling ``report`` the total);
+    ``first``, bytes already taken from ``raw`` to look at, are put back in front."""
 
-    def __init__(self, raw: IO[bytes], first: bytes) -> None:
+    def __init__(
+        self, raw: IO[bytes], first: bytes = b"", report: Callable[[int], None] | None = None
+    ) -> None:
         self.raw = raw
         self.first = first
         self.count = 0
+        self.report = report
 
     def readable(self) -> bool:
         return True
@@ -45,6 +50,8 @@ class _Counted(io.RawIOBase):
             data = self.raw.read(len(b))
         b[: len(data)] = data
         self.count += len(data)
+        if self.report is not None:
+            self.report(self.count)
         return len(data)
 
 
@@ -52,7 +59,7 @@ class _Decompressed(io.RawIOBase):
     def __init__(
         self, raw: IO[bytes], name: str, kind: str, first: bytes, max_ratio: int, max_size: int
     ) -> None:
-        self.input = _Counted(raw, first)
+        self.input = CountingReader(raw, first)
         self.name = name
         self.kind = kind
         self.max_ratio = max_ratio

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from composefs.objects import ObjectStore, ObjectWriter
-from composefs.oci.compression import open_layer
+from composefs.oci.compression import CountingReader, open_layer
 from composefs.oci.image import Descriptor, OciError, diff_ids, read_verified
 from composefs.oci.layer import (
     RecordEntries,
@@ -56,25 +56,6 @@ class PullResult:
     objects_added: int = 0
     objects_reused: int = 0
     layers: list[dict[str, Any]] = field(default_factory=list)
-
-
-class _Counting(io.RawIOBase):
-    """Counts what passes and reports it (the compressed bytes of a layer)."""
-
-    def __init__(self, raw: IO[bytes], report: Callable[[int], None]) -> None:
-        self.raw = raw
-        self.count = 0
-        self.report = report
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self.raw.read(len(b))
-        b[: len(data)] = data
-        self.count += len(data)
-        self.report(self.count)
-        return len(data)
 
 
 class _Sha256(io.RawIOBase):
@@ -237,7 +218,7 @@ def _fetch_layer(
         if progress is not None:
             progress(index, count, n, size)
 
-    raw = io.BufferedReader(_Counting(src.blob(desc), report), 1 << 18)
+    raw = io.BufferedReader(CountingReader(src.blob(desc), report=report), 1 << 18)
     hashed = _Sha256(open_layer(raw, name=what))
     stream = io.BufferedReader(hashed, 1 << 18)
     out = io.BytesIO()
