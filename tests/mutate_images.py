@@ -55,7 +55,7 @@ from composefs.erofs.reader import Image, ImageInode  # noqa: E402
 from composefs.erofs.writer import build_image  # noqa: E402
 from composefs.errors import FormatError  # noqa: E402
 from composefs.imageinfo import ls_lines  # noqa: E402
-from composefs.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG  # noqa: E402
+from composefs.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Tree  # noqa: E402
 
 HANG_SECONDS = 10.0  # per mutant; a valid 1.6 MB image loads in ~0.3 s
 # Traced peak allowed for one mutant: a small multiple of the image plus a constant for
@@ -88,6 +88,15 @@ def _lazy_inode(img: Image, ino: ImageInode) -> None:
     img.to_inode(ino)
 
 
+def tree_objects(tree: Tree) -> set[bytes]:
+    """The objects a Tree's regular files keep their content in."""
+    return {
+        node.payload.lstrip(b"/")
+        for _path, node in tree.walk()
+        if node.mode & S_IFMT == S_IFREG and node.content is None and node.payload and node.size
+    }
+
+
 def exercise(data: bytes, paths: Sequence[bytes] = ()) -> str:
     """Every reader entry point on ``data``: "ok", or "format_error" if any raised
     FormatError.  Any other exception propagates to the caller."""
@@ -118,6 +127,10 @@ def exercise(data: bytes, paths: Sequence[bytes] = ()) -> str:
             raise
         if fast != dumpfile.dumps(tree):
             raise AssertionError("dump_text differs from the dump of to_tree")
+        # the object walk of gc and stats finds the objects the Tree names
+        walked = {obj for _ino, obj in img.regular_files()} - {None}
+        if walked != tree_objects(tree):
+            raise AssertionError("regular_files differ from the Tree's objects")
         for _ in ls_lines(tree):
             pass
 

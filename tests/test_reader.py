@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, UPSTREAM, Asset, asset_params, needs_upstream, pure_python_only
+from mutate_images import tree_objects
 from randomtree import random_dump
 
 from composefs import dumpfile
@@ -275,3 +276,18 @@ def test_reads_reference_images_if_present(tmp_path: Path) -> None:
             assert img.header.composefs_version == version
             assert build_image(img.to_tree(), min_version=version, max_version=version) == image
     assert os.path.exists(DEMO)
+
+
+@pytest.mark.parametrize("asset", asset_params())
+def test_object_walk_equals_the_tree(asset: Asset | None) -> None:
+    """regular_files (gc and stats) find exactly the objects the Tree names,
+    each regular file once."""
+    assert asset is not None
+    tree = dumpfile.parse(asset.read(), strict=asset.strict)
+    with Image(build_image(tree, **asset.version_kwargs)) as img:
+        files = [ino for ino, _obj in img.regular_files()]
+        walked = {obj for _ino, obj in img.regular_files()} - {None}
+        loaded = img.to_tree()
+    assert walked == tree_objects(loaded)
+    regular = {id(n) for _p, n in loaded.walk() if n.mode & S_IFMT == S_IFREG}
+    assert len(files) == len({ino.nid for ino in files}) == len(regular)

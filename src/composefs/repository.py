@@ -1203,18 +1203,13 @@ def _image_usage(path: Path) -> tuple[int, int, int, dict[str, int]]:
     counted), objects used: ``XX/<62 hex>`` -> size)."""
     from composefs.erofs.reader import Image
 
-    with Image(path) as image:
-        tree = image.to_tree()
     files = content = external = 0
     objects: dict[str, int] = {}
-    seen: set[int] = set()
-    for _path, node in tree.walk():
-        if node.mode & S_IFMT != S_IFREG or id(node) in seen:
-            continue
-        seen.add(id(node))
-        files += 1
-        content += node.size
-        if node.content is None and node.payload is not None and node.size > 0:
-            objects[node.payload.lstrip(b"/").decode("ascii", "replace")] = node.size
-            external += node.size
+    with Image(path) as image:
+        for ino, obj in image.regular_files():
+            files += 1
+            content += ino.size
+            if obj is not None:
+                objects[obj.decode("ascii", "replace")] = ino.size
+                external += ino.size
     return files, content, external, objects

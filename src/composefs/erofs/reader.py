@@ -562,6 +562,44 @@ class Image:
                 stack.pop()
         return tree
 
+    def regular_files(self) -> Iterator[tuple[ImageInode, bytes | None]]:
+        """Every regular file, once (a hardlinked one at its first name), with the object
+        holding its content (``XX/<62 hex>``, the redirect without its ``/``; None for
+        content inline and empty files): what :meth:`to_tree` would give, walking the tree
+        the same way without building it, for object listings (gc, stats) in half the
+        time.  Directories are read once, so cycles cannot recurse."""
+        root = self.root
+        if root.mode & S_IFMT != S_IFDIR:
+            raise self._error(f"the root inode {root.nid} is not a directory")
+        seen = {root.nid}
+        stack = [root]
+        while stack:
+            for name, nid, _ftype in self.iterdir(stack.pop()):
+                if nid in seen or name == b"." or name == b"..":
+                    continue
+                seen.add(nid)
+                ino = self.inode(nid)  # its own mode decides, whatever the entry says
+                ftype = ino.mode & S_IFMT
+                if ftype == S_IFDIR:
+                    stack.append(ino)
+                    continue
+                if ftype != S_IFREG:
+                    continue
+                external = ino.layout == fmt.EROFS_INODE_CHUNK_BASED and ino.size > 0
+                if not ino.xattr_offset:
+                    yield ino, None
+                    continue
+                fast = self.external_xattrs(
+                    nid, ino.xattr_offset, ino.xattr_offset + ino.xattr_size
+                )
+                if fast is not None:
+                    yield ino, fast[0] if external else None
+                    continue
+                node = self.to_inode(ino)  # any other xattrs: maybe an escaped whiteout
+                if node.mode & S_IFMT == S_IFREG:
+                    payload = node.payload.lstrip(b"/") if node.payload else None
+                    yield ino, payload if external else None
+
     # -- the work budget of a whole-image walk ---------------------------------------------------
 
     def reset_budget(self) -> None:
