@@ -449,3 +449,36 @@ def test_objects_with_kernel_fs_verity_are_trusted(
         os.close(fd)
     with fuse_mount(image, store, mnt, "nopassthrough"):
         assert (mnt / "large").read_bytes() == (src / "large").read_bytes()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="objects are passed through only as root")
+def test_open_of_a_kept_passed_through_object_answered_inline(tmp_path: Path) -> None:
+    """The request loop answers opens and releases of kept passed-through objects itself
+    (most of a warm walk); its reply is the one :meth:`Filesystem.open` gives, and the
+    opens are counted so that an object in use is never dropped."""
+    from composefs.fuse import Filesystem, load_image
+    from composefs.fuse import protocol as p
+
+    src, store, image = tmp_path / "src", tmp_path / "store", tmp_path / "t.cfs"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(100_000))
+    (src / "small").write_bytes(b"inline")
+    _build(src, store, image)
+    fs = Filesystem(load_image(image), [str(store)])
+    fs.backing_open = lambda fd: 7
+    fs.backing_close = lambda backing_id: None
+    by_name = fs._children(fs.root_nid)
+    big, small = by_name[b"big"] + 2, by_name[b"small"] + 2
+    body = memoryview(p.OPEN_IN.pack(os.O_RDONLY, 0))
+    assert fs.open_passed_through(big) is None  # not open yet: the full path checks it
+    reply = fs.open(big, body)
+    assert p.OPEN_OUT.unpack(reply) == (0, p.FOPEN_PASSTHROUGH, 7)
+    assert fs.open_passed_through(big) == reply
+    assert fs._objects[by_name[b"big"]].handles == 2
+    fs.release_passed_through(big)
+    fs.release_passed_through(big)
+    assert fs._objects[by_name[b"big"]].handles == 0
+    fs.open(small, body)  # content in the image: a handle of its own, never inline here
+    assert fs.open_passed_through(small) is None
+    assert fs.open_passed_through(p.ROOT_ID) is None
+    fs.close()

@@ -99,13 +99,17 @@ class FuseOptions(NamedTuple):
 class _Served:
     """An object kept open for an inode, with its passthrough registration."""
 
-    __slots__ = ("backing_id", "handles", "nid", "obj")
+    __slots__ = ("backing_id", "handles", "nid", "obj", "open_reply")
 
     def __init__(self, nid: int, obj: ServedObject, backing_id: int) -> None:
         self.nid = nid
         self.obj = obj
         self.backing_id = backing_id  # non-zero: the kernel reads the object itself
         self.handles = 0
+        # No handle: reads go to the kernel; release finds the object by inode.
+        self.open_reply = (
+            p.OPEN_OUT.pack(_PASSED_THROUGH, p.FOPEN_PASSTHROUGH, backing_id) if backing_id else b""
+        )
 
 
 class _OpenFile(NamedTuple):
@@ -349,10 +353,29 @@ class Filesystem:
                 return p.OPEN_OUT.pack(self._add_handle(handle), p.FOPEN_KEEP_CACHE, 0)
             served = self._open_object(nid, payload, ino.size, digest)
         if served.backing_id:
-            # No handle: reads go to the kernel; release finds the object by inode.
-            return p.OPEN_OUT.pack(_PASSED_THROUGH, p.FOPEN_PASSTHROUGH, served.backing_id)
+            return served.open_reply
         fh = self._add_handle(_OpenFile(nid, served.obj.size, served=served))
         return p.OPEN_OUT.pack(fh, p.FOPEN_KEEP_CACHE, 0)
+
+    def open_passed_through(self, nodeid: int) -> bytes | None:
+        """The reply to a read-only open of a node whose object is kept and passed
+        through, the open counted; None when the open needs :meth:`open`.
+
+        This is most of what a warm walk of the tree asks (an open and a release per
+        file), so it is answered with as little work as can be."""
+        with self._lock:
+            served = self._objects.get(nodeid - 2)  # (the root is no file: -1 is not there)
+            if served is None or not served.backing_id:
+                return None
+            served.handles += 1
+            return served.open_reply
+
+    def release_passed_through(self, nodeid: int) -> None:
+        """A release of a passed-through open (file handle 0)."""
+        with self._lock:
+            served = self._objects.get(nodeid - 2)
+            if served is not None:
+                served.handles -= 1
 
     def _regular_file(self, nid: int) -> tuple[ImageInode, bytes | None, bytes | None]:
         """A regular file's inode, object path and digest (both None for inline content)."""
