@@ -105,6 +105,23 @@ def stage_copy(store_dir: str, src_fd: int, token: str) -> str:
     return tmp
 
 
+def stage_bytes(store_dir: str, data: bytes, token: str) -> str:
+    """Like :func:`stage_copy`, from bytes already read: the object is then exactly what
+    was hashed, whatever happens to the source file meanwhile."""
+    fd, tmp = _new_temporary(store_dir, token)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, OBJECT_MODE)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
 class ObjectStore:
     """A directory of objects named by fs-verity digest."""
 

@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING
 
 from composefs import fsverity
 from composefs.errors import ComposefsError, TreeError
-from composefs.objects import ObjectStore, ObjectWriter, object_name, stage_copy
+from composefs.objects import ObjectStore, ObjectWriter, object_name, stage_bytes, stage_copy
 from composefs.tree import S_IFBLK, S_IFCHR, S_IFMT, Inode, Tree
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor, Future
 
 INLINE_MAX = 64  # the reference embeds files up to this size
-_BATCH = 64  # files per task handed to a worker process
+_BATCH = 256  # files per task handed to a worker process
 
 
 class ScanError(ComposefsError):
@@ -173,7 +173,7 @@ def _load(
                     node.content = f.read(INLINE_MAX + 1)
                 if len(node.content) != st.st_size:
                     raise OSError(errno.EIO, "file changed size while it was read")
-            hasher.add(node, path)
+            hasher.add(node, path, st.st_dev)
         if not options.skip_xattrs:
             for key in os.listxattr(path, follow_symlinks=False):
                 if options.user_xattrs and not key.startswith("user."):
@@ -185,18 +185,35 @@ def _load(
     return node
 
 
-def _hash_file(path: bytes, store_dir: str | None, token: str) -> tuple[bytes, str | None]:
+# Files below this size are read whole into memory, hashed and written from there.
+_READ_WHOLE = 8 << 20
+
+
+def _hash_file(
+    path: bytes, size: int, device: int, store_dir: str | None, token: str
+) -> tuple[bytes, str | None]:
     """Digest of one file and, with a store, a staged copy of it unless the object exists.
 
-    Runs in the worker processes: the file is open once for both, and its data is read
-    from the page cache the second time.
+    Runs in the worker processes.  ``size`` and ``device`` are what the tree recorded from
+    ``lstat``: the content must have that size.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         # A file with fs-verity already carries its digest: the kernel's measurement is the
         # same value without reading the file.
+        kernel = fsverity.measure_verity(fd, device)
+        if kernel is None and size < _READ_WHOLE:
+            # One read, a byte more than the size to see a file that grew; the object is
+            # written from the same bytes, so it holds exactly what its name says.
+            data = fsverity.read_exact(fd, size)
+            digest = fsverity.digest(data)
+            if store_dir is None or os.path.lexists(os.path.join(store_dir, object_name(digest))):
+                return digest, None
+            return digest, stage_bytes(store_dir, data, token)
         before = os.fstat(fd)
-        digest = fsverity.measure_verity(fd, before.st_dev) or fsverity.digest_fd(fd)
+        if before.st_size != size:
+            raise OSError(errno.EAGAIN, "file changed while it was read")
+        digest = kernel or fsverity.digest_fd(fd, size=size)
         if store_dir is None:
             return digest, None
         if os.path.lexists(os.path.join(store_dir, object_name(digest))):
@@ -216,15 +233,14 @@ def _hash_file(path: bytes, store_dir: str | None, token: str) -> tuple[bytes, s
 
 
 _Result = tuple[bytes, str | None] | OSError
+_Work = tuple[bytes, int, int, bool]  # path, size, device, whether to stage a copy
 
 
-def _hash_batch(
-    batch: list[tuple[bytes, bool]], store_dir: str | None, token: str
-) -> list[_Result]:
+def _hash_batch(batch: list[_Work], store_dir: str | None, token: str) -> list[_Result]:
     out: list[_Result] = []
-    for path, stage in batch:
+    for path, size, device, stage in batch:
         try:
-            out.append(_hash_file(path, store_dir if stage else None, token))
+            out.append(_hash_file(path, size, device, store_dir if stage else None, token))
         except OSError as e:
             out.append(e)
     return out
@@ -243,14 +259,14 @@ class _Hasher:
         self.store_dir = store_dir
         self.token = token
         self.pool: Executor | None = None
-        self.work: list[tuple[bytes, bool]] = []
+        self.work: list[_Work] = []
         self.futures: list[Future[list[_Result]]] = []
         self.jobs: list[tuple[Inode, bytes]] = []  # every file added, with its inode
 
-    def add(self, node: Inode, path: bytes) -> None:
+    def add(self, node: Inode, path: bytes, device: int) -> None:
         """Queue a regular file; a copy is staged in the store unless it is embedded."""
         self.jobs.append((node, path))
-        self.work.append((path, node.content is None))
+        self.work.append((path, node.size, device, node.content is None))
         if self.threads > 1 and len(self.work) >= _BATCH:
             self._submit()
 
