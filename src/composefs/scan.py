@@ -17,6 +17,7 @@ releases the GIL, but handing it between threads costs more than hashing a small
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -91,6 +92,10 @@ def scan_directory(
         os.fspath(store.path) if store is not None else None,
         writer.token if writer is not None else "",
     )
+    # The scan makes long-lived objects only (an inode per file): the cyclic collector
+    # would walk them again and again, freeing nothing.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         tree = _walk(os.fsencode(source), options, hasher, stats)
         _hash_all(hasher, writer, stats, progress)
@@ -99,6 +104,9 @@ def scan_directory(
         if writer is not None:
             writer.abort()
         raise
+    finally:
+        if collecting:
+            gc.enable()
     hasher.close()
     return tree
 
