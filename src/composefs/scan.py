@@ -33,7 +33,10 @@ if TYPE_CHECKING:
     from concurrent.futures import Executor, Future
 
 INLINE_MAX = 64  # the reference embeds files up to this size
-_BATCH = 256  # files per task handed to a worker process
+# A task handed to a worker process: this many files, or fewer holding this many bytes
+# (the last tasks must be small for both workers to finish together).
+_BATCH = 256
+_BATCH_BYTES = 32 << 20
 
 
 class ScanError(ComposefsError):
@@ -268,6 +271,7 @@ class _Hasher:
         self.token = token
         self.pool: Executor | None = None
         self.work: list[_Work] = []
+        self.work_bytes = 0
         self.futures: list[Future[list[_Result]]] = []
         self.jobs: list[tuple[Inode, bytes]] = []  # every file added, with its inode
 
@@ -275,7 +279,8 @@ class _Hasher:
         """Queue a regular file; a copy is staged in the store unless it is embedded."""
         self.jobs.append((node, path))
         self.work.append((path, node.size, device, node.content is None))
-        if self.threads > 1 and len(self.work) >= _BATCH:
+        self.work_bytes += node.size
+        if self.threads > 1 and (len(self.work) >= _BATCH or self.work_bytes >= _BATCH_BYTES):
             self._submit()
 
     def _submit(self) -> None:
@@ -283,6 +288,7 @@ class _Hasher:
             self.pool = _process_pool(self.threads)
         self.futures.append(self.pool.submit(_hash_batch, self.work, self.store_dir, self.token))
         self.work = []
+        self.work_bytes = 0
 
     def results(self) -> Iterator[_Result]:
         """Every result, in the order the files were added."""
