@@ -5,16 +5,19 @@ The source tree (default: /usr) is first copied into a scratch directory on the 
 filesystem as the stores (``cp -a``), so both tools read the same files from the page
 cache.  Each tool then runs: into an empty store, again into the now populated store, and
 without a store.  Prints wall and CPU times and the ratios; the images must be identical.
+
+On ext4 without a journal, creating files near inodes deleted in the last minutes (six,
+while their inode table blocks are dirty) is slow: a run right after a large store was
+deleted measures that, not the tool.  So every round fills new stores, all removed at the
+end, and runs of this benchmark should be some minutes apart.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from measure import REPO, find_reference, measure
@@ -52,7 +55,7 @@ def main() -> int:
             # Alternate which tool goes first: the machine's state drifts during a run.
             order = list(tools.items()) if run % 2 == 0 else list(reversed(tools.items()))
             for name, exe in order:
-                store = Path(tmp) / f"store-{name}"
+                store = Path(tmp) / f"store-{name}-{run}"
                 image = Path(tmp) / f"{name}.img"
                 for case, extra in (
                     ("empty store", [f"--digest-store={store}"]),
@@ -64,14 +67,6 @@ def main() -> int:
                     results[(name, case)] = (wall, cpu)
                 images[name] = image.read_bytes()
             _report(results, list(tools), reference is not None)
-            # Stores are removed only now: ext4 without a journal passes over inodes deleted
-            # in the last minute when it allocates new ones, which slows a tool that runs
-            # just after a large deletion (time.sleep: the next run must not pay for this one).
-            for name in tools:
-                shutil.rmtree(Path(tmp) / f"store-{name}")
-            if run + 1 < args.repeat:
-                subprocess.run(["sync"], check=True)
-                time.sleep(65)
     if reference:
         print("  images identical" if len(set(images.values())) == 1 else "  IMAGES DIFFER")
     else:
@@ -90,7 +85,7 @@ def _report(
         if ratio:
             ratio_ = results[("composefs-py", case)][0] / results[("reference", case)][0]
             line += f"  ratio {ratio_:.2f}x"
-        print(line)
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
