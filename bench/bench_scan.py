@@ -5,12 +5,16 @@ The source tree (default: /usr) is first copied into a scratch directory on the 
 filesystem as the stores (``cp -a``), so both tools read the same files from the page
 cache.  Each tool then runs: into an empty store, again into the now populated store, and
 without a store.  Prints wall and CPU times and the ratios; the images must be identical.
+
+On ext4 without a journal, creating files near inodes deleted in the last minutes (six,
+while their inode table blocks are dirty) is slow: a run right after a large store was
+deleted measures that, not the tool.  So every round fills new stores, all removed at the
+end, and runs of this benchmark should be some minutes apart.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,8 @@ def main() -> int:
     ap.add_argument("--reference", help="path of the reference mkcomposefs")
     ap.add_argument("--ours", default=str(REPO / ".venv/bin/mkcomposefs"))
     ap.add_argument("--dir", default=None, help="scratch directory (default: system temp)")
+    ap.add_argument("--tree", help="build this tree as it is, without copying it first")
+    ap.add_argument("--repeat", type=int, default=1, help="run every case this many times")
     args = ap.parse_args()
     reference = find_reference(args.reference, "mkcomposefs", args.ours)
     tools = {"composefs-py": args.ours}
@@ -32,41 +38,54 @@ def main() -> int:
         tools["reference"] = reference
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        src = Path(tmp) / "tree"
-        subprocess.run(["cp", "-a", args.source, str(src)], check=True)
+        if args.tree:
+            src = Path(args.tree)
+            origin = str(src)
+        else:
+            src = Path(tmp) / "tree"
+            subprocess.run(["cp", "-a", args.source, str(src)], check=True)
+            origin = f"copy of {args.source}"
         files = sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
         du = subprocess.run(["du", "-sb", str(src)], capture_output=True, text=True, check=True)
         gigabytes = int(du.stdout.split()[0]) / 1e9
-        print(f"source: copy of {args.source}: {files} files, {gigabytes:.2f} GB")
-        results: dict[tuple[str, str], tuple[float, float]] = {}
+        print(f"source: {origin}: {files} files, {gigabytes:.2f} GB")
         images: dict[str, bytes] = {}
-        for name, exe in tools.items():
-            store = Path(tmp) / f"store-{name}"
-            image = Path(tmp) / f"{name}.img"
-            for case, extra in (
-                ("empty store", [f"--digest-store={store}"]),
-                ("populated store", [f"--digest-store={store}"]),
-                ("no store", []),
-            ):
-                subprocess.run(["sync"], check=True)
-                wall, cpu, _rss, _out = measure([exe, *extra, str(src), str(image)])
-                results[(name, case)] = (wall, cpu)
-            images[name] = image.read_bytes()
-            shutil.rmtree(store)
-    for case in ("empty store", "populated store", "no store"):
-        line = f"  {case:16s}"
-        for name in tools:
-            wall, cpu = results[(name, case)]
-            line += f"  {name} {wall:7.2f} s (cpu {cpu:6.2f})"
-        if reference:
-            ratio = results[("composefs-py", case)][0] / results[("reference", case)][0]
-            line += f"  ratio {ratio:.2f}x"
-        print(line)
+        for run in range(args.repeat):
+            results: dict[tuple[str, str], tuple[float, float]] = {}
+            # Alternate which tool goes first: the machine's state drifts during a run.
+            order = list(tools.items()) if run % 2 == 0 else list(reversed(tools.items()))
+            for name, exe in order:
+                store = Path(tmp) / f"store-{name}-{run}"
+                image = Path(tmp) / f"{name}.img"
+                for case, extra in (
+                    ("empty store", [f"--digest-store={store}"]),
+                    ("populated store", [f"--digest-store={store}"]),
+                    ("no store", []),
+                ):
+                    subprocess.run(["sync"], check=True)
+                    wall, cpu, _rss, _out = measure([exe, *extra, str(src), str(image)])
+                    results[(name, case)] = (wall, cpu)
+                images[name] = image.read_bytes()
+            _report(results, list(tools), reference is not None)
     if reference:
         print("  images identical" if len(set(images.values())) == 1 else "  IMAGES DIFFER")
     else:
         print("  (reference mkcomposefs not found; pass --reference PATH)")
     return 0
+
+
+def _report(
+    results: dict[tuple[str, str], tuple[float, float]], tools: list[str], ratio: bool
+) -> None:
+    for case in ("empty store", "populated store", "no store"):
+        line = f"  {case:16s}"
+        for name in tools:
+            wall, cpu = results[(name, case)]
+            line += f"  {name} {wall:7.2f} s (cpu {cpu:6.2f})"
+        if ratio:
+            ratio_ = results[("composefs-py", case)][0] / results[("reference", case)][0]
+            line += f"  ratio {ratio_:.2f}x"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

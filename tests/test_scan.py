@@ -323,10 +323,12 @@ def test_failed_run_leaves_no_temporary_files(
         (src / f"f{i:03d}").write_bytes(os.urandom(100) + b"%d" % i)
     real = scan_module._hash_file
 
-    def failing(path: bytes, store_dir: str | None, token: str) -> tuple[bytes, str | None]:
+    def failing(
+        path: bytes, size: int, device: int, store_dir: str | None, token: str
+    ) -> tuple[bytes, str | None]:
         if path.endswith(b"f399"):
             raise OSError(errno.EIO, "simulated read error")
-        return real(path, store_dir, token)
+        return real(path, size, device, store_dir, token)
 
     monkeypatch.setattr(scan_module, "_hash_file", failing)  # workers are forked: they see it
     store = ObjectStore(tmp_path / "store")

@@ -33,6 +33,9 @@ _ZERO_BLOCK = bytes(BLOCK_SIZE)
 # sig_size (0), data_size, root_hash[64], salt[32], reserved[144].
 _DESCRIPTOR = struct.Struct("<BBBBIQ64s32s144x")
 assert _DESCRIPTOR.size == 256
+_EMPTY_DIGEST = _sha256(
+    _DESCRIPTOR.pack(1, HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, 0, bytes(DIGEST_SIZE), b"")
+).digest()
 
 # Where hashing is split between processes: below this, forking costs more than it saves.
 PARALLEL_MIN_SIZE = 64 << 20
@@ -165,7 +168,23 @@ def _push_into(levels: list[bytearray], level: int, hashes: bytes) -> None:
 
 def digest(data: bytes | bytearray | memoryview) -> bytes:
     """fs-verity digest of a byte string."""
-    return FsVerityHasher(data).digest()
+    if isinstance(data, memoryview):
+        data = data.cast("B")
+    size = len(data)
+    if size <= BLOCK_SIZE:
+        # One block (the common small file): its hash is the root, no tree to build.
+        if not size:
+            return _EMPTY_DIGEST
+        root = _sha256(bytes(data) + _ZERO_BLOCK[size:] if size < BLOCK_SIZE else data)
+        return _sha256(
+            _DESCRIPTOR.pack(1, HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, size, root.digest(), b"")
+        ).digest()
+    level = hash_blocks(data)
+    while len(level) > DIGEST_SIZE:
+        level = hash_blocks(level)
+    return _sha256(
+        _DESCRIPTOR.pack(1, HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, size, level, b"")
+    ).digest()
 
 
 def digest_stream(stream: BinaryIO, *, chunk_size: int = _READ_CHUNK) -> bytes:
@@ -239,6 +258,20 @@ def block_hashes_fd(fd: int, size: int, *, workers: int = 1) -> tuple[bytes, byt
     return leaves, hasher.digest()
 
 
+def read_exact(fd: int, size: int) -> bytes:
+    """The whole content of a file expected to hold ``size`` bytes, read with one more to
+    see a file that grew; ``OSError(EIO)`` when its size is not ``size``."""
+    data = os.pread(fd, size + 1, 0)
+    while len(data) < size:  # a short read before the end
+        more = os.pread(fd, size + 1 - len(data), len(data))
+        if not more:
+            break
+        data += more
+    if len(data) != size:
+        raise OSError(errno.EIO, "file changed size while it was read")
+    return data
+
+
 def _hash_file_range(fd: int, start: int, end: int) -> bytes:
     """Hashes of the full blocks of ``fd`` in [start, end), read through a memory map."""
     with mmap.mmap(fd, end - start, mmap.MAP_SHARED, mmap.PROT_READ, offset=start) as mm:
@@ -250,12 +283,18 @@ def _hash_file_range(fd: int, start: int, end: int) -> bytes:
             view.release()
 
 
-def digest_fd(fd: int, *, workers: int = 1, empty_quirk: bool = False) -> bytes:
+def digest_fd(
+    fd: int, *, workers: int = 1, empty_quirk: bool = False, size: int | None = None
+) -> bytes:
     """fs-verity digest of the whole content of an open regular file.
 
     With ``workers > 1`` a large file's data blocks are hashed by that many processes.
+    ``size`` is the file's size when the caller has just asked for it.
     """
-    size = os.fstat(fd).st_size
+    if size is None:
+        size = os.fstat(fd).st_size
+    if size < _READ_CHUNK and (size or not empty_quirk):
+        return digest(read_exact(fd, size))
     hasher = FsVerityHasher(empty_quirk=empty_quirk)
     full = size - size % BLOCK_SIZE
     if workers > 1 and full >= PARALLEL_MIN_SIZE:
@@ -269,19 +308,11 @@ def digest_fd(fd: int, *, workers: int = 1, empty_quirk: bool = False) -> bytes:
                 hasher.update_block_hashes(fut.result(), e - s)
         tail = os.pread(fd, size - full, full) if size > full else b""
         hasher.update(tail)
-    elif size >= _READ_CHUNK:
+    else:
         if full:
             hasher.update_block_hashes(_hash_file_range(fd, 0, full), full)
         if size > full:
             hasher.update(os.pread(fd, size - full, full))
-    else:
-        pos = 0
-        while True:
-            chunk = os.pread(fd, _READ_CHUNK, pos)
-            if not chunk:
-                break
-            hasher.update(chunk)
-            pos += len(chunk)
     if hasher.size != size:
         raise OSError(errno.EIO, "file changed size while it was hashed")
     return hasher.digest()

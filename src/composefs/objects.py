@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import itertools
 import os
 import stat
@@ -23,7 +24,6 @@ from pathlib import Path
 from types import TracebackType
 
 from composefs import fsverity
-from composefs.fsutil import fsync_dir
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 OBJECT_MODE = 0o644
@@ -38,9 +38,13 @@ def object_name(digest: bytes) -> str:
     return f"{h[:2]}/{h[2:]}"
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)  # find_library forks
+
+
 def _syncfs(fd: int) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.syncfs(fd) != 0:
+    if _libc().syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -105,6 +109,23 @@ def stage_copy(store_dir: str, src_fd: int, token: str) -> str:
     return tmp
 
 
+def stage_bytes(store_dir: str, data: bytes, token: str) -> str:
+    """Like :func:`stage_copy`, from bytes already read: the object is then exactly what
+    was hashed, whatever happens to the source file meanwhile."""
+    fd, tmp = _new_temporary(store_dir, token)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, OBJECT_MODE)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
 class ObjectStore:
     """A directory of objects named by fs-verity digest."""
 
@@ -137,6 +158,7 @@ class ObjectWriter:
         # names present in each XX/ directory, listed once when first needed: far cheaper
         # than one lstat per file when most objects are already there
         self._present: dict[str, frozenset[str]] = {}
+        self._dirs: set[str] = set()  # XX/ directories known to exist
         self.added = 0
         self.added_bytes = 0
         self.reused = 0
@@ -219,30 +241,29 @@ class ObjectWriter:
             self.commit()
 
     def commit(self) -> None:
-        """Make staged objects durable (one syncfs), enable fs-verity, rename into place."""
+        """Make staged objects durable (one syncfs), enable fs-verity, rename into place,
+        and make the renames durable (a second syncfs: one call for every directory)."""
         if not self._pending:
             return
         root_fd = os.open(self.store.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             _syncfs(root_fd)
+            verity = True
+            for digest, tmp in self._pending.items():
+                if self.require_verity:
+                    seal_object(tmp, digest, required=True)
+                elif verity:
+                    verity = seal_object(tmp, digest)  # stop trying where it is unsupported
+                h = digest.hex()
+                if h[:2] not in self._dirs:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(h[:2], _DIR_MODE, dir_fd=root_fd)
+                    self._dirs.add(h[:2])
+                # relative to the store: no lookup of its path for each object
+                os.rename(tmp, f"{h[:2]}/{h[2:]}", src_dir_fd=root_fd, dst_dir_fd=root_fd)
+            _syncfs(root_fd)
         finally:
             os.close(root_fd)
-        root = os.fspath(self.store.path)
-        dirs: set[str] = set()
-        verity = True
-        for digest, tmp in self._pending.items():
-            if self.require_verity:
-                seal_object(tmp, digest, required=True)
-            elif verity:
-                verity = seal_object(tmp, digest)  # stop trying where it is unsupported
-            h = digest.hex()
-            directory = os.path.join(root, h[:2])
-            if directory not in dirs:
-                os.makedirs(directory, mode=_DIR_MODE, exist_ok=True)
-                dirs.add(directory)
-            os.rename(tmp, os.path.join(directory, h[2:]))
-        for d in (*dirs, root):
-            fsync_dir(d)
         self._committed.update(self._pending)
         self._pending.clear()
         self._pending_bytes = 0

@@ -17,6 +17,7 @@ releases the GIL, but handing it between threads costs more than hashing a small
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -25,14 +26,17 @@ from typing import TYPE_CHECKING
 
 from composefs import fsverity
 from composefs.errors import ComposefsError, TreeError
-from composefs.objects import ObjectStore, ObjectWriter, object_name, stage_copy
+from composefs.objects import ObjectStore, ObjectWriter, object_name, stage_bytes, stage_copy
 from composefs.tree import S_IFBLK, S_IFCHR, S_IFMT, Inode, Tree
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor, Future
 
 INLINE_MAX = 64  # the reference embeds files up to this size
-_BATCH = 64  # files per task handed to a worker process
+# A task handed to a worker process: this many files, or fewer holding this many bytes
+# (the last tasks must be small for both workers to finish together).
+_BATCH = 256
+_BATCH_BYTES = 32 << 20
 
 
 class ScanError(ComposefsError):
@@ -91,6 +95,10 @@ def scan_directory(
         os.fspath(store.path) if store is not None else None,
         writer.token if writer is not None else "",
     )
+    # The scan makes long-lived objects only (an inode per file): the cyclic collector
+    # would walk them again and again, freeing nothing.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         tree = _walk(os.fsencode(source), options, hasher, stats)
         _hash_all(hasher, writer, stats, progress)
@@ -99,6 +107,9 @@ def scan_directory(
         if writer is not None:
             writer.abort()
         raise
+    finally:
+        if collecting:
+            gc.enable()
     hasher.close()
     return tree
 
@@ -173,7 +184,7 @@ def _load(
                     node.content = f.read(INLINE_MAX + 1)
                 if len(node.content) != st.st_size:
                     raise OSError(errno.EIO, "file changed size while it was read")
-            hasher.add(node, path)
+            hasher.add(node, path, st.st_dev)
         if not options.skip_xattrs:
             for key in os.listxattr(path, follow_symlinks=False):
                 if options.user_xattrs and not key.startswith("user."):
@@ -185,18 +196,35 @@ def _load(
     return node
 
 
-def _hash_file(path: bytes, store_dir: str | None, token: str) -> tuple[bytes, str | None]:
+# Files below this size are read whole into memory, hashed and written from there.
+_READ_WHOLE = 8 << 20
+
+
+def _hash_file(
+    path: bytes, size: int, device: int, store_dir: str | None, token: str
+) -> tuple[bytes, str | None]:
     """Digest of one file and, with a store, a staged copy of it unless the object exists.
 
-    Runs in the worker processes: the file is open once for both, and its data is read
-    from the page cache the second time.
+    Runs in the worker processes.  ``size`` and ``device`` are what the tree recorded from
+    ``lstat``: the content must have that size.
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         # A file with fs-verity already carries its digest: the kernel's measurement is the
         # same value without reading the file.
+        kernel = fsverity.measure_verity(fd, device)
+        if kernel is None and size < _READ_WHOLE:
+            # One read, a byte more than the size to see a file that grew; the object is
+            # written from the same bytes, so it holds exactly what its name says.
+            data = fsverity.read_exact(fd, size)
+            digest = fsverity.digest(data)
+            if store_dir is None or os.path.lexists(os.path.join(store_dir, object_name(digest))):
+                return digest, None
+            return digest, stage_bytes(store_dir, data, token)
         before = os.fstat(fd)
-        digest = fsverity.measure_verity(fd, before.st_dev) or fsverity.digest_fd(fd)
+        if before.st_size != size:
+            raise OSError(errno.EAGAIN, "file changed while it was read")
+        digest = kernel or fsverity.digest_fd(fd, size=size)
         if store_dir is None:
             return digest, None
         if os.path.lexists(os.path.join(store_dir, object_name(digest))):
@@ -216,15 +244,14 @@ def _hash_file(path: bytes, store_dir: str | None, token: str) -> tuple[bytes, s
 
 
 _Result = tuple[bytes, str | None] | OSError
+_Work = tuple[bytes, int, int, bool]  # path, size, device, whether to stage a copy
 
 
-def _hash_batch(
-    batch: list[tuple[bytes, bool]], store_dir: str | None, token: str
-) -> list[_Result]:
+def _hash_batch(batch: list[_Work], store_dir: str | None, token: str) -> list[_Result]:
     out: list[_Result] = []
-    for path, stage in batch:
+    for path, size, device, stage in batch:
         try:
-            out.append(_hash_file(path, store_dir if stage else None, token))
+            out.append(_hash_file(path, size, device, store_dir if stage else None, token))
         except OSError as e:
             out.append(e)
     return out
@@ -243,15 +270,17 @@ class _Hasher:
         self.store_dir = store_dir
         self.token = token
         self.pool: Executor | None = None
-        self.work: list[tuple[bytes, bool]] = []
+        self.work: list[_Work] = []
+        self.work_bytes = 0
         self.futures: list[Future[list[_Result]]] = []
         self.jobs: list[tuple[Inode, bytes]] = []  # every file added, with its inode
 
-    def add(self, node: Inode, path: bytes) -> None:
+    def add(self, node: Inode, path: bytes, device: int) -> None:
         """Queue a regular file; a copy is staged in the store unless it is embedded."""
         self.jobs.append((node, path))
-        self.work.append((path, node.content is None))
-        if self.threads > 1 and len(self.work) >= _BATCH:
+        self.work.append((path, node.size, device, node.content is None))
+        self.work_bytes += node.size
+        if self.threads > 1 and (len(self.work) >= _BATCH or self.work_bytes >= _BATCH_BYTES):
             self._submit()
 
     def _submit(self) -> None:
@@ -259,6 +288,7 @@ class _Hasher:
             self.pool = _process_pool(self.threads)
         self.futures.append(self.pool.submit(_hash_batch, self.work, self.store_dir, self.token))
         self.work = []
+        self.work_bytes = 0
 
     def results(self) -> Iterator[_Result]:
         """Every result, in the order the files were added."""
