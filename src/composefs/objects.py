@@ -91,15 +91,15 @@ def _new_temporary(store_dir: str, token: str) -> tuple[int, str]:
             continue
 
 
-def stage_copy(store_dir: str, src_fd: int, token: str) -> str:
-    """Copy ``src_fd`` into a new temporary file in the store; returns its path.
+def _stage(store_dir: str, token: str, fill: Callable[[int], object]) -> str:
+    """A new temporary file in the store, written by ``fill(fd)``; returns its path.
 
     Any process may call this (the scan's workers do).  The name carries the writer's
     ``token``, so that :meth:`ObjectWriter.abort` can remove every file a failed run staged.
     """
     fd, tmp = _new_temporary(store_dir, token)
     try:
-        copy_file(src_fd, fd)
+        fill(fd)
         os.fchmod(fd, OBJECT_MODE)
     except BaseException:
         os.close(fd)
@@ -107,23 +107,23 @@ def stage_copy(store_dir: str, src_fd: int, token: str) -> str:
         raise
     os.close(fd)
     return tmp
+
+
+def stage_copy(store_dir: str, src_fd: int, token: str) -> str:
+    """Copy ``src_fd`` into a new temporary file in the store; returns its path."""
+    return _stage(store_dir, token, lambda fd: copy_file(src_fd, fd))
 
 
 def stage_bytes(store_dir: str, data: bytes, token: str) -> str:
     """Like :func:`stage_copy`, from bytes already read: the object is then exactly what
     was hashed, whatever happens to the source file meanwhile."""
-    fd, tmp = _new_temporary(store_dir, token)
-    try:
+
+    def write_all(fd: int) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fchmod(fd, OBJECT_MODE)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    return tmp
+
+    return _stage(store_dir, token, write_all)
 
 
 class ObjectStore:
