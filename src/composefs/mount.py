@@ -416,19 +416,26 @@ def _overlay_legacy(lower: str, options: MountOptions, verity: bool, target: str
 # -- the whole mount ---------------------------------------------------------------------------
 
 
+def directory_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is not a usable directory, in strerror words; None when it is one
+    (the kernel would only say ENOENT or ENOTDIR, without naming which directory)."""
+    try:
+        if stat.S_ISDIR(os.stat(path).st_mode):
+            return None
+        return os.strerror(errno.ENOTDIR)
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 def _check_directories(options: MountOptions, name: str) -> None:
     """Name the directory at fault; the kernel would only say ENOENT or ENOTDIR."""
     dirs = [("object directory", d) for d in options.basedirs]
     if options.upperdir is not None and options.workdir is not None:
         dirs += [("upperdir", options.upperdir), ("workdir", options.workdir)]
     for role, path in dirs:
-        try:
-            if stat.S_ISDIR(os.stat(path).st_mode):
-                continue
-            reason = os.strerror(errno.ENOTDIR)
-        except OSError as e:
-            reason = e.strerror or str(e)
-        raise MountError(f"Failed to mount composefs {name}: {role} {path}: {reason}")
+        reason = directory_problem(path)
+        if reason is not None:
+            raise MountError(f"Failed to mount composefs {name}: {role} {path}: {reason}")
 
 
 def _verity_for(options: MountOptions, name: str) -> tuple[bool, bool]:

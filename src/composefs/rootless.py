@@ -69,7 +69,7 @@ from typing import NamedTuple
 
 from composefs import syscalls
 from composefs.errors import FormatError
-from composefs.mount import MountApi, MountError, MountOptions
+from composefs.mount import MountApi, MountError, MountOptions, directory_problem
 
 __all__ = [
     "RootlessError",
@@ -429,13 +429,9 @@ class _Stack:
         for role, path in [
             ("mount point", spec.mountpoint), *(("object directory", d) for d in spec.basedirs)
         ]:  # fmt: skip
-            try:
-                if stat.S_ISDIR(os.stat(path).st_mode):
-                    continue
-                reason = os.strerror(errno.ENOTDIR)
-            except OSError as e:
-                reason = e.strerror or str(e)
-            raise RootlessError(f"{role} {path}: {reason}")
+            reason = directory_problem(path)
+            if reason is not None:
+                raise RootlessError(f"{role} {path}: {reason}")
 
     def _kernel_verity(self) -> bool:
         """Whether overlayfs checks the objects itself (``verity=require``); refuses object
