@@ -552,14 +552,13 @@ class Filesystem:
 
     def release(self, nodeid: int, body: memoryview) -> bytes:
         fh = p.RELEASE_IN.unpack_from(body)[0]
+        if fh == _PASSED_THROUGH:
+            self.release_passed_through(nodeid)
+            return b""
         with self._lock:
-            if fh == _PASSED_THROUGH:
-                served = self._objects.get(self._nid(nodeid))
-            else:
-                handle = self._files.pop(fh, None)
-                served = handle.served if handle is not None else None
-            if served is not None:
-                served.handles -= 1  # stays open, for the next open of the inode
+            handle = self._files.pop(fh, None)
+            if handle is not None and handle.served is not None:
+                handle.served.handles -= 1  # stays open, for the next open of the inode
         return b""
 
     def readdir(self, nodeid: int, body: memoryview, plus: bool = False) -> bytes:
