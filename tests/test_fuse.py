@@ -7,7 +7,6 @@ the unprivileged run needs root to become nobody.  Each skips with the reason.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ from mounted import (
     cached_growth,
     kernel_mount_skip_reason,
     object_of,
-    xattrs,
+    snapshot,
 )
 from test_scan import make_tree
 
@@ -128,28 +127,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     return src, store, image
 
 
-def _snapshot(root: Path) -> dict[str, tuple[object, ...]]:
-    """Everything a user sees of a tree, by relative path (inode numbers aside)."""
-    out: dict[str, tuple[object, ...]] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            path = Path(dirpath) / name
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
-                what: object = hashlib.sha256(path.read_bytes()).hexdigest()
-            elif stat.S_ISLNK(st.st_mode):
-                what = os.readlink(path)
-            else:
-                what = None
-            nlink = None if stat.S_ISDIR(st.st_mode) else st.st_nlink
-            attrs = None if stat.S_ISLNK(st.st_mode) else xattrs(path)
-            out[str(path.relative_to(root))] = (
-                st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev,
-                nlink, what, attrs,
-            )  # fmt: skip
-    return out
-
-
 @needs_fuse
 @needs_kernel
 def test_same_tree_as_the_kernel_mount(built: tuple[Path, Path, Path], tmp_path: Path) -> None:
@@ -160,7 +137,7 @@ def test_same_tree_as_the_kernel_mount(built: tuple[Path, Path, Path], tmp_path:
     mount(image, kmnt, MountOptions(basedirs=(str(store),), readonly=True))
     try:
         with fuse_mount(image, store, fmnt):
-            kernel, fuse = _snapshot(kmnt), _snapshot(fmnt)
+            kernel, fuse = snapshot(kmnt), snapshot(fmnt)
             assert len(kernel) >= 3000
             assert fuse.keys() == kernel.keys()
             for path, seen in fuse.items():
