@@ -172,6 +172,21 @@ def test_cli_directory_source(tmp_path: Path) -> None:
     assert missing.returncode == 0 and missing.stdout == b""
 
 
+def test_cli_relative_paths(tmp_path: Path) -> None:
+    """Store, source and image named relative to the working directory."""
+    make_tree(tmp_path / "src")
+    r = subprocess.run(
+        [str(BIN / "mkcomposefs"), "--digest-store=store", "src", "out.img"],
+        capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    objects = {p.relative_to(tmp_path / "store") for p in (tmp_path / "store").rglob("*/*")}
+    assert objects
+    assert not list((tmp_path / "store").glob(".tmp*"))
+    tree = load_tree((tmp_path / "out.img").read_bytes())
+    assert {Path(n.payload.decode()) for _, n in tree.walk() if n.digest} == objects
+
+
 REFERENCE = shutil.which("mkcomposefs")
 if REFERENCE and Path(REFERENCE).resolve().parent == BIN.resolve():
     REFERENCE = None

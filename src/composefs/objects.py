@@ -259,8 +259,12 @@ class ObjectWriter:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(h[:2], _DIR_MODE, dir_fd=root_fd)
                     self._dirs.add(h[:2])
-                # relative to the store: no lookup of its path for each object
-                os.rename(tmp, f"{h[:2]}/{h[2:]}", src_dir_fd=root_fd, dst_dir_fd=root_fd)
+                # relative to the store: no lookup of its path for each object (the
+                # temporary is in the store's top directory, whatever path named it)
+                os.rename(
+                    os.path.basename(tmp), f"{h[:2]}/{h[2:]}",
+                    src_dir_fd=root_fd, dst_dir_fd=root_fd,
+                )  # fmt: skip
             _syncfs(root_fd)
         finally:
             os.close(root_fd)
