@@ -18,7 +18,7 @@ from composefs import fsverity
 from composefs import scan as scan_module
 from composefs.erofs.reader import load_tree
 from composefs.erofs.writer import build_image
-from composefs.objects import ObjectStore
+from composefs.objects import ObjectStore, temporary_files
 from composefs.progress import Progress
 from composefs.scan import ScanError, ScanOptions, ScanStats, scan_directory
 
@@ -128,7 +128,7 @@ def test_object_store(tmp_path: Path) -> None:
         for f in d.iterdir()
     }
     assert found == expected  # exactly the objects the image references
-    assert not [p for p in (tmp_path / "store").iterdir() if p.name.startswith(".tmp")]
+    assert temporary_files(tmp_path / "store") == []
     for obj in found:
         path = tmp_path / "store" / os.fsdecode(obj)
         assert fsverity.digest_file(path).hex() == obj.decode().replace("/", "")
@@ -237,7 +237,7 @@ def test_two_writers_fill_one_store_at_once(tmp_path: Path) -> None:
         _out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     objects = [p for p in store.rglob("*") if p.is_file()]
-    assert not [p for p in store.iterdir() if p.name.startswith(".tmp")]
+    assert temporary_files(store) == []
     for obj in objects:
         assert fsverity.digest_file(obj).hex() == obj.parent.name + obj.name
     for name in ("one", "two"):
