@@ -3,8 +3,9 @@
 
 The source tree (default: /usr) is first copied into a scratch directory on the same
 filesystem as the stores (``cp -a``), so both tools read the same files from the page
-cache.  Each tool then runs: into an empty store, again into the now populated store, and
-without a store.  Prints wall and CPU times and the ratios; the images must be identical.
+cache.  Each tool (our pure and compiled builds, as bench_mkcomposefs, and the reference)
+then runs: into an empty store, again into the now populated store, and without a store.
+Prints wall and CPU times and the ratios; the images must be identical.
 
 On ext4 without a journal, creating files near inodes deleted in the last minutes (six,
 while their inode table blocks are dirty) is slow: a run right after a large store was
@@ -20,20 +21,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from measure import REPO, find_reference, measure
+from measure import find_reference, measure, our_builds
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--source", default="/usr", help="tree to copy and build (default /usr)")
     ap.add_argument("--reference", help="path of the reference mkcomposefs")
-    ap.add_argument("--ours", default=str(REPO / ".venv/bin/mkcomposefs"))
+    ap.add_argument("--ours", help="our mkcomposefs (default: the pure and compiled builds)")
     ap.add_argument("--dir", default=None, help="scratch directory (default: system temp)")
     ap.add_argument("--tree", help="build this tree as it is, without copying it first")
     ap.add_argument("--repeat", type=int, default=1, help="run every case this many times")
     args = ap.parse_args()
-    reference = find_reference(args.reference, "mkcomposefs", args.ours)
-    tools = {"composefs-py": args.ours}
+    ours = our_builds("mkcomposefs", args.ours)
+    reference = find_reference(args.reference, "mkcomposefs", ours["composefs-py"])
+    tools = dict(ours)
     if reference:
         tools["reference"] = reference
 
@@ -66,7 +68,7 @@ def main() -> int:
                     wall, cpu, _rss, _out = measure([exe, *extra, str(src), str(image)])
                     results[(name, case)] = (wall, cpu)
                 images[name] = image.read_bytes()
-            _report(results, list(tools), reference is not None)
+            _report(results, list(tools), list(ours) if reference else [])
     if reference:
         print("  images identical" if len(set(images.values())) == 1 else "  IMAGES DIFFER")
     else:
@@ -75,16 +77,16 @@ def main() -> int:
 
 
 def _report(
-    results: dict[tuple[str, str], tuple[float, float]], tools: list[str], ratio: bool
+    results: dict[tuple[str, str], tuple[float, float]], tools: list[str], ours: list[str]
 ) -> None:
     for case in ("empty store", "populated store", "no store"):
         line = f"  {case:16s}"
         for name in tools:
             wall, cpu = results[(name, case)]
             line += f"  {name} {wall:7.2f} s (cpu {cpu:6.2f})"
-        if ratio:
-            ratio_ = results[("composefs-py", case)][0] / results[("reference", case)][0]
-            line += f"  ratio {ratio_:.2f}x"
+        for name in ours:
+            ratio = results[(name, case)][0] / results[("reference", case)][0]
+            line += f"  {name}/reference {ratio:.2f}x"
         print(line, flush=True)
 
 

@@ -375,6 +375,9 @@ def test_gc(repo: Repository, tmp_path: Path) -> None:
     b = repo.import_directory(src_b).image_id  # no ref: garbage
     stale = repo.path / "objects" / ".tmp-abcdef-stale"
     stale.write_bytes(b"left by a crash")
+    staged = repo.path / "objects" / "ab" / ".tmp-abcdef-cdef"  # a known digest's: in XX/
+    staged.parent.mkdir(exist_ok=True)
+    staged.write_bytes(b"also left by a crash")
     orphan_data = blob("orphan", 700)  # an object no image uses, as after a crash
     orphan = repo.path / "objects" / object_rel(orphan_data)
     orphan.parent.mkdir(exist_ok=True)
@@ -388,15 +391,15 @@ def test_gc(repo: Repository, tmp_path: Path) -> None:
     assert dry.images_removed == [b]
     assert dry.objects_removed == 3  # only-b, the image b, the orphan; "shared" stays
     assert dry.bytes_removed == 5000 + b_size + 700
-    assert dry.temporary_files_removed == 1
+    assert dry.temporary_files_removed == 2
 
     done = repo.gc()
     assert not done.dry_run
     assert (done.images_removed, done.objects_removed, done.bytes_removed) == (
         dry.images_removed, dry.objects_removed, dry.bytes_removed,
     )  # fmt: skip
-    assert done.temporary_files_removed == 1
-    assert not stale.exists() and not orphan.exists()
+    assert done.temporary_files_removed == 2
+    assert not stale.exists() and not staged.exists() and not orphan.exists()
     assert not (repo.path / "images" / b).is_symlink()
     assert not repo.object_path(b).exists()
     assert not (repo.path / "objects" / object_rel(blob("only-b", 5000))).exists()
@@ -451,10 +454,12 @@ def test_fsck_clean(repo: Repository, tmp_path: Path) -> None:
     repo.import_directory(tree_a(tmp_path / "a"), ref="a")
     repo.import_directory(tree_b(tmp_path / "b"), ref="x/b")
     (repo.path / "objects" / ".tmp-123-x").write_bytes(b"")
+    (repo.path / "objects" / "ab").mkdir(exist_ok=True)
+    (repo.path / "objects" / "ab" / ".tmp-123-cdef").write_bytes(b"")
     r = repo.fsck()
     assert r.ok and r.problems == [] and r.repaired == []
     assert (r.objects_checked, r.images_checked, r.refs_checked) == (5, 2, 2)
-    assert r.temporary_files == 1  # reported, not a problem
+    assert r.temporary_files == 2  # reported, not a problem
     assert r.to_json()["ok"] is True
 
 

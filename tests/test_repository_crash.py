@@ -30,7 +30,7 @@ import pytest
 
 from composefs import fsverity
 from composefs.erofs.reader import load_tree
-from composefs.objects import object_name
+from composefs.objects import object_name, temporary_files
 from composefs.repository import Repository
 from composefs.scan import INLINE_MAX, ScanOptions
 from composefs.tree import S_IFLNK, S_IFMT, S_IFREG
@@ -407,7 +407,7 @@ def _kill_while_staging(cmd: list[str], repo: Path, out: Path) -> None:
     started must then end by itself."""
     with session(cmd, out) as proc:
         deadline = time.monotonic() + 30
-        while not any(n.startswith(".tmp-") for n in os.listdir(repo / "objects")):
+        while not temporary_files(repo / "objects"):
             assert proc.poll() is None, f"it ended before it staged anything: {proc.stderr.read()}"
             assert time.monotonic() < deadline
             time.sleep(0.001)

@@ -18,7 +18,7 @@ from composefs import fsverity
 from composefs import scan as scan_module
 from composefs.erofs.reader import load_tree
 from composefs.erofs.writer import build_image
-from composefs.objects import ObjectStore
+from composefs.objects import ObjectStore, temporary_files
 from composefs.progress import Progress
 from composefs.scan import ScanError, ScanOptions, ScanStats, scan_directory
 
@@ -128,7 +128,7 @@ def test_object_store(tmp_path: Path) -> None:
         for f in d.iterdir()
     }
     assert found == expected  # exactly the objects the image references
-    assert not [p for p in (tmp_path / "store").iterdir() if p.name.startswith(".tmp")]
+    assert temporary_files(tmp_path / "store") == []
     for obj in found:
         path = tmp_path / "store" / os.fsdecode(obj)
         assert fsverity.digest_file(path).hex() == obj.decode().replace("/", "")
@@ -252,7 +252,7 @@ def test_two_writers_fill_one_store_at_once(tmp_path: Path) -> None:
         _out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     objects = [p for p in store.rglob("*") if p.is_file()]
-    assert not [p for p in store.iterdir() if p.name.startswith(".tmp")]
+    assert temporary_files(store) == []
     for obj in objects:
         assert fsverity.digest_file(obj).hex() == obj.parent.name + obj.name
     for name in ("one", "two"):
@@ -350,3 +350,33 @@ def test_failed_run_leaves_no_temporary_files(
     with pytest.raises(ScanError, match="f399: simulated read error"):
         scan_directory(src, ScanOptions(threads=threads), store)
     assert list((tmp_path / "store").iterdir()) == []
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_each_object_is_staged_once(
+    threads: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Content met many times in one run is written to the store once: a copy staged and
+    deleted again would slow inode allocation on ext4 without a journal."""
+    src = tmp_path / "src"
+    src.mkdir()
+    blobs = [os.urandom(5000) for _ in range(3)]
+    for i in range(600):
+        (src / f"f{i:03d}").write_bytes(blobs[i % 3])
+    log = tmp_path / "staged.log"
+    real = scan_module.stage_bytes
+
+    def logged(store_dir: str, data: bytes, token: str, digest: bytes) -> str | None:
+        staged = real(store_dir, data, token, digest)
+        if staged is not None:  # workers are forked: they report through a file
+            with open(log, "a") as f:
+                f.write(digest.hex() + "\n")
+        return staged
+
+    monkeypatch.setattr(scan_module, "stage_bytes", logged)
+    stats = ScanStats()
+    scan_directory(src, ScanOptions(threads=threads), ObjectStore(tmp_path / "store"), stats=stats)
+    staged = log.read_text().split()
+    assert sorted(staged) == sorted(set(staged)) and len(staged) == 3
+    assert (stats.objects_added, stats.objects_reused) == (3, 597)
+    assert temporary_files(tmp_path / "store") == []

@@ -18,6 +18,7 @@ import fcntl
 import functools
 import itertools
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ OBJECT_MODE = 0o644
 BATCH_OBJECTS = 8192  # staged objects made durable and renamed into place together
 BATCH_BYTES = 1 << 30
 _DIR_MODE = 0o755
+_OBJECT_DIR = re.compile(r"[0-9a-f]{2}")
 
 
 def object_name(digest: bytes) -> str:
@@ -79,25 +81,51 @@ def copy_file(src_fd: int, dst_fd: int) -> None:
         offset += len(chunk)
 
 
+TEMP_PREFIX = ".tmp-"
 _tmp_counter = itertools.count()
 
 
 def _new_temporary(store_dir: str, token: str) -> tuple[int, str]:
+    """A temporary file for content whose digest is not known yet, in the store's top
+    directory."""
     while True:
-        tmp = os.path.join(store_dir, f".tmp-{token}-{os.getpid()}-{next(_tmp_counter)}")
+        tmp = os.path.join(store_dir, f"{TEMP_PREFIX}{token}-{os.getpid()}-{next(_tmp_counter)}")
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
         except FileExistsError:
             continue
 
 
-def _stage(store_dir: str, token: str, fill: Callable[[int], object]) -> str:
-    """A new temporary file in the store, written by ``fill(fd)``; returns its path.
+def _stage(store_dir: str, token: str, digest: bytes, fill: Callable[[int], object]) -> str | None:
+    """A temporary file for object ``digest``, written by ``fill(fd)``; returns its path.
 
     Any process may call this (the scan's workers do).  The name carries the writer's
-    ``token``, so that :meth:`ObjectWriter.abort` can remove every file a failed run staged.
+    ``token``, so that :meth:`ObjectWriter.abort` can remove every file a failed run
+    staged, and the digest, so that content staged twice in one run (by two workers, or
+    again before the first copy is committed) is written once: None when this writer has
+    staged ``digest`` already.  (A copy staged and deleted would also slow ext4 down:
+    without a journal, allocating an inode skips each one deleted in the last minutes.)
+
+    It is made in the object's own ``XX/`` directory: writers then do not all wait for
+    the lock of one directory, and the commit renames within a directory.
     """
-    fd, tmp = _new_temporary(store_dir, token)
+    h = digest.hex()
+    subdir = os.path.join(store_dir, h[:2])
+    tmp = os.path.join(subdir, f"{TEMP_PREFIX}{token}-{h[2:]}")
+    while True:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            break
+        except FileExistsError:
+            return None
+        except FileNotFoundError:
+            # the directory's first object (or a failed writer has just removed it empty)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(subdir, _DIR_MODE)
+    return _fill(fd, tmp, fill)
+
+
+def _fill(fd: int, tmp: str, fill: Callable[[int], object]) -> str:
     try:
         fill(fd)
         os.fchmod(fd, OBJECT_MODE)
@@ -109,21 +137,36 @@ def _stage(store_dir: str, token: str, fill: Callable[[int], object]) -> str:
     return tmp
 
 
-def stage_copy(store_dir: str, src_fd: int, token: str) -> str:
-    """Copy ``src_fd`` into a new temporary file in the store; returns its path."""
-    return _stage(store_dir, token, lambda fd: copy_file(src_fd, fd))
+def stage_copy(store_dir: str, src_fd: int, token: str, digest: bytes) -> str | None:
+    """Copy ``src_fd`` into a temporary file for object ``digest`` (see :func:`_stage`)."""
+    return _stage(store_dir, token, digest, lambda fd: copy_file(src_fd, fd))
 
 
-def stage_bytes(store_dir: str, data: bytes, token: str) -> str:
-    """Like :func:`stage_copy`, from bytes already read: the object is then exactly what
-    was hashed, whatever happens to the source file meanwhile."""
+def stage_bytes(store_dir: str, data: bytes, token: str, digest: bytes) -> str | None:
+    """Like :func:`stage_copy`, from bytes already read and hashed: the object is then
+    exactly what was hashed, whatever happens to the source file meanwhile."""
 
     def write_all(fd: int) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
 
-    return _stage(store_dir, token, write_all)
+    return _stage(store_dir, token, digest, write_all)
+
+
+def temporary_files(store_dir: str | os.PathLike[str], token: str = "") -> list[str]:
+    """The temporary files in a store (relative paths): in its top directory and in its
+    ``XX/`` directories.  With ``token``, only those of that writer."""
+    prefix = TEMP_PREFIX + (f"{token}-" if token else "")
+    found = []
+    with os.scandir(store_dir) as top:
+        for entry in top:
+            if entry.name.startswith(prefix):
+                found.append(entry.name)
+            elif _OBJECT_DIR.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                with os.scandir(entry.path) as sub:
+                    found.extend(f"{entry.name}/{e.name}" for e in sub if e.name.startswith(prefix))
+    return sorted(found)
 
 
 class ObjectStore:
@@ -188,7 +231,10 @@ class ObjectWriter:
         if self.contains(digest):
             self.reused += 1
             return False
-        tmp = stage_copy(os.fspath(self.store.path), src_fd, self.token)
+        tmp = stage_copy(os.fspath(self.store.path), src_fd, self.token, digest)
+        if tmp is None:  # staged already
+            self.reused += 1
+            return False
         self.adopt(digest, tmp, os.fstat(src_fd).st_size)
         return True
 
@@ -245,7 +291,8 @@ class ObjectWriter:
         and make the renames durable (a second syncfs: one call for every directory)."""
         if not self._pending:
             return
-        root_fd = os.open(self.store.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        store = os.fspath(self.store.path)
+        root_fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             _syncfs(root_fd)
             verity = True
@@ -259,12 +306,16 @@ class ObjectWriter:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(h[:2], _DIR_MODE, dir_fd=root_fd)
                     self._dirs.add(h[:2])
-                # relative to the store: no lookup of its path for each object (the
-                # temporary is in the store's top directory, whatever path named it)
-                os.rename(
-                    os.path.basename(tmp), f"{h[:2]}/{h[2:]}",
-                    src_dir_fd=root_fd, dst_dir_fd=root_fd,
-                )  # fmt: skip
+                # relative to the store: no lookup of its path for each object (and
+                # right whatever path, relative or not, named the store)
+                name = os.path.relpath(tmp, store)
+                try:
+                    os.rename(name, f"{h[:2]}/{h[2:]}", src_dir_fd=root_fd, dst_dir_fd=root_fd)
+                except FileNotFoundError:
+                    # a failed writer removed the directory, empty then (see abort)
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(h[:2], _DIR_MODE, dir_fd=root_fd)
+                    os.rename(name, f"{h[:2]}/{h[2:]}", src_dir_fd=root_fd, dst_dir_fd=root_fd)
             _syncfs(root_fd)
         finally:
             os.close(root_fd)
@@ -273,12 +324,17 @@ class ObjectWriter:
         self._pending_bytes = 0
 
     def abort(self) -> None:
-        """Remove everything staged for this writer, adopted or not."""
-        prefix = f".tmp-{self.token}-"
-        for name in os.listdir(self.store.path):
-            if name.startswith(prefix):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.store.path / name)
+        """Remove everything staged for this writer, adopted or not, and the ``XX/``
+        directories that held only that."""
+        dirs = set()
+        for name in temporary_files(self.store.path, self.token):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.store.path / name)
+            dirs.add(os.path.dirname(name))
+        dirs.discard("")
+        for d in dirs:
+            with contextlib.suppress(OSError):  # not empty: objects, others' temporaries
+                os.rmdir(self.store.path / d)
         self._pending.clear()
 
     def __enter__(self) -> ObjectWriter:

@@ -12,9 +12,10 @@ root because its parser trusts the image, so we mount only what our own writer p
 An import never stores a foreign image's bytes: it reads the source (a directory, a dump
 file, or an image through the hardened reader) into a tree and writes the image afresh.
 
-**Writes and crashes.**  Every file is written under a temporary name in ``objects/``
-(``.tmp-*``), made durable (``syncfs`` for a batch of objects, ``fsync`` for an image),
-then renamed into place and its directory fsynced; symlinks are made the same way.  The
+**Writes and crashes.**  Every file is written under a temporary name (``.tmp-*``, in
+``objects/``, or in ``objects/XX/`` for an object whose digest is known), made durable
+(``syncfs`` for a batch of objects, ``fsync`` for an image), then renamed into place and
+its directory made durable; symlinks are made the same way.  The
 order is objects, then the image object, then ``images/<id>``, then the ref: a crash at any
 point leaves only temporary files and unreferenced entries, which ``gc`` removes, never an
 object whose content disagrees with its name nor a ref to a missing image.
@@ -57,12 +58,14 @@ from composefs.errors import ComposefsError, FormatError
 from composefs.fsutil import fsync_dir
 from composefs.objects import (
     OBJECT_MODE,
+    TEMP_PREFIX,
     ObjectStore,
     ObjectWriter,
     check_objects,
     object_name,
     seal_object,
     stage_copy,
+    temporary_files,
 )
 from composefs.tree import S_IFMT, S_IFREG, Inode, Tree
 
@@ -72,7 +75,6 @@ METADATA = "meta.json"
 OCI_REFS = "oci/refs"
 OCI_LAYERS = "oci/layers"
 QUARANTINE = "quarantine"  # where fsck --repair moves damaged objects (not in composefs-rs)
-TEMP_PREFIX = ".tmp-"
 
 # Feature flags this version understands (composefs-rs defines none yet either).
 KNOWN_COMPAT: frozenset[str] = frozenset()
@@ -855,7 +857,7 @@ class Repository:
                         yield f"{d}/{entry.name}", entry.stat(follow_symlinks=False)
 
     def _temporary_files(self) -> list[str]:
-        return [n for n in _listdir(self.objects) if n.startswith(TEMP_PREFIX)]
+        return temporary_files(self.objects) if self.objects.is_dir() else []
 
     # -- checking ------------------------------------------------------------------------------
 
@@ -888,6 +890,8 @@ class Repository:
                 continue
             for n in sorted(os.listdir(full)):
                 rel = f"{d}/{n}"
+                if n.startswith(TEMP_PREFIX):
+                    continue  # staged by a writer: counted as a temporary file
                 if not _OBJECT_FILE.fullmatch(n):
                     result.problems.append(Problem("stray-file", f"objects/{rel}", "not an object"))
                 else:
@@ -1188,10 +1192,11 @@ def _read_object(
             )
         if writer.contains(digest):
             return digest, None
-        staged = stage_copy(os.fspath(writer.store.path), fd, writer.token)
+        staged = stage_copy(os.fspath(writer.store.path), fd, writer.token, digest)
         after = os.fstat(fd)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            os.unlink(staged)
+            if staged is not None:
+                os.unlink(staged)
             raise RepositoryError(f"{store}/{_show(rel)}: changed while it was read")
         return digest, staged
     finally:

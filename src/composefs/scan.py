@@ -203,7 +203,8 @@ _READ_WHOLE = 8 << 20
 def _hash_file(
     path: bytes, size: int, device: int, store_dir: str | None, token: str
 ) -> tuple[bytes, str | None]:
-    """Digest of one file and, with a store, a staged copy of it unless the object exists.
+    """Digest of one file and, with a store, a staged copy of it unless the object exists
+    or this run has staged it already (None: the writer counts it as reused).
 
     Runs in the worker processes.  ``size`` and ``device`` are what the tree recorded from
     ``lstat``: the content must have that size.
@@ -220,7 +221,7 @@ def _hash_file(
             digest = fsverity.digest(data)
             if store_dir is None or os.path.lexists(os.path.join(store_dir, object_name(digest))):
                 return digest, None
-            return digest, stage_bytes(store_dir, data, token)
+            return digest, stage_bytes(store_dir, data, token, digest)
         before = os.fstat(fd)
         if before.st_size != size:
             raise OSError(errno.EAGAIN, "file changed while it was read")
@@ -229,14 +230,15 @@ def _hash_file(
             return digest, None
         if os.path.lexists(os.path.join(store_dir, object_name(digest))):
             return digest, None
-        staged = stage_copy(store_dir, fd, token)
+        staged = stage_copy(store_dir, fd, token, digest)
         # An object must hold exactly what its name says: a file written to while it was
         # hashed or copied is refused (as tar does), not stored under a wrong name.
         after = os.fstat(fd)
         if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
             before.st_size, before.st_mtime_ns, before.st_ctime_ns
         ):  # fmt: skip
-            os.unlink(staged)
+            if staged is not None:
+                os.unlink(staged)
             raise OSError(errno.EAGAIN, "file changed while it was read")
         return digest, staged
     finally:
