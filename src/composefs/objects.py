@@ -126,6 +126,8 @@ def _stage(store_dir: str, token: str, digest: bytes, fill: Callable[[int], obje
 
 
 def _fill(fd: int, tmp: str, fill: Callable[[int], object]) -> str:
+    """Write a new temporary file with ``fill(fd)`` and give it the objects' mode; on
+    failure remove it."""
     try:
         fill(fd)
         os.fchmod(fd, OBJECT_MODE)
@@ -245,9 +247,9 @@ class ObjectWriter:
         The content is written before its name is known, so an object already present
         costs the write of a temporary file (removed at once), not a second read.
         """
-        fd, tmp = _new_temporary(os.fspath(self.store.path), self.token)
         hasher = fsverity.FsVerityHasher()
-        try:
+
+        def copy(fd: int) -> None:
             with os.fdopen(fd, "wb", closefd=False) as out:
                 left = size
                 while left:
@@ -257,12 +259,9 @@ class ObjectWriter:
                     hasher.update(chunk)
                     out.write(chunk)
                     left -= len(chunk)
-            os.fchmod(fd, OBJECT_MODE)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
+
+        fd, tmp = _new_temporary(os.fspath(self.store.path), self.token)
+        _fill(fd, tmp, copy)
         digest = hasher.digest()
         if self.contains(digest):
             os.unlink(tmp)
