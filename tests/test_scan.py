@@ -339,11 +339,11 @@ def test_failed_run_leaves_no_temporary_files(
     real = scan_module._hash_file
 
     def failing(
-        path: bytes, size: int, device: int, store_dir: str | None, token: str
+        fd: int, size: int, device: int, store_dir: str | None, token: str
     ) -> tuple[bytes, str | None]:
-        if path.endswith(b"f399"):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("f399"):
             raise OSError(errno.EIO, "simulated read error")
-        return real(path, size, device, store_dir, token)
+        return real(fd, size, device, store_dir, token)
 
     monkeypatch.setattr(scan_module, "_hash_file", failing)  # workers are forked: they see it
     store = ObjectStore(tmp_path / "store")
