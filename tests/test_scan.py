@@ -339,11 +339,11 @@ def test_failed_run_leaves_no_temporary_files(
     real = scan_module._hash_file
 
     def failing(
-        path: bytes, size: int, device: int, store_dir: str | None, token: str
+        fd: int, size: int, device: int, store_dir: str | None, token: str
     ) -> tuple[bytes, str | None]:
-        if path.endswith(b"f399"):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("f399"):
             raise OSError(errno.EIO, "simulated read error")
-        return real(path, size, device, store_dir, token)
+        return real(fd, size, device, store_dir, token)
 
     monkeypatch.setattr(scan_module, "_hash_file", failing)  # workers are forked: they see it
     store = ObjectStore(tmp_path / "store")
@@ -380,3 +380,55 @@ def test_each_object_is_staged_once(
     assert sorted(staged) == sorted(set(staged)) and len(staged) == 3
     assert (stats.objects_added, stats.objects_reused) == (3, 597)
     assert temporary_files(tmp_path / "store") == []
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "error"),
+    [
+        # Opened ahead (and being read in) before the first file is hashed.
+        ("f002", "grown", "changed size"),
+        ("f002", "shrunk", "changed size"),
+        # Not opened yet when the first file is hashed.
+        ("f040", "grown", "changed size"),
+        ("f040", "shrunk", "changed size"),
+        ("f040", "removed", "No such file"),
+        ("f040", "symlink", "Too many levels of symbolic links"),
+    ],
+)
+def test_file_changed_after_the_walk(
+    name: str, change: str, error: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file changed between the walk and its hashing stops the scan with its own error,
+    whether it was already opened ahead of the file being hashed or not; no descriptor is
+    left open."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(50):
+        (src / f"f{i:03d}").write_bytes(os.urandom(1000))
+    target = src / name
+    real = scan_module._hash_file
+    changed = False
+
+    def changing(
+        fd: int, size: int, device: int, store_dir: str | None, token: str
+    ) -> tuple[bytes, str | None]:
+        nonlocal changed
+        if not changed:
+            changed = True
+            if change == "grown":
+                with target.open("ab") as f:
+                    f.write(b"more")
+            elif change == "shrunk":
+                os.truncate(target, 10)
+            else:
+                target.unlink()
+                if change == "symlink":
+                    target.symlink_to("f000")
+        return real(fd, size, device, store_dir, token)
+
+    monkeypatch.setattr(scan_module, "_hash_file", changing)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ScanError, match=f"{name}: .*{error}"):
+        scan_directory(src, ScanOptions(threads=1), ObjectStore(tmp_path / "store"))
+    assert changed
+    assert len(os.listdir("/proc/self/fd")) == fds

@@ -16,11 +16,13 @@ releases the GIL, but handing it between threads costs more than hashing a small
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -201,61 +203,121 @@ _READ_WHOLE = 8 << 20
 
 
 def _hash_file(
-    path: bytes, size: int, device: int, store_dir: str | None, token: str
+    fd: int, size: int, device: int, store_dir: str | None, token: str
 ) -> tuple[bytes, str | None]:
-    """Digest of one file and, with a store, a staged copy of it unless the object exists
-    or this run has staged it already (None: the writer counts it as reused).
+    """Digest of one open file and, with a store, a staged copy of it unless the object
+    exists or this run has staged it already (None: the writer counts it as reused).
 
     Runs in the worker processes.  ``size`` and ``device`` are what the tree recorded from
     ``lstat``: the content must have that size.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        # A file with fs-verity already carries its digest: the kernel's measurement is the
-        # same value without reading the file.
-        kernel = fsverity.measure_verity(fd, device)
-        if kernel is None and size < _READ_WHOLE:
-            # One read, a byte more than the size to see a file that grew; the object is
-            # written from the same bytes, so it holds exactly what its name says.
-            data = fsverity.read_exact(fd, size)
-            digest = fsverity.digest(data)
-            if store_dir is None or os.path.lexists(os.path.join(store_dir, object_name(digest))):
-                return digest, None
-            return digest, stage_bytes(store_dir, data, token, digest)
-        before = os.fstat(fd)
-        if before.st_size != size:
-            raise OSError(errno.EAGAIN, "file changed while it was read")
-        digest = kernel or fsverity.digest_fd(fd, size=size)
-        if store_dir is None:
+    # A file with fs-verity already carries its digest: the kernel's measurement is the
+    # same value without reading the file.
+    kernel = fsverity.measure_verity(fd, device)
+    if kernel is None and size < _READ_WHOLE:
+        # One read, a byte more than the size to see a file that grew; the object is
+        # written from the same bytes, so it holds exactly what its name says.
+        data = fsverity.read_exact(fd, size)
+        digest = fsverity.digest(data)
+        if store_dir is None or os.path.lexists(os.path.join(store_dir, object_name(digest))):
             return digest, None
-        if os.path.lexists(os.path.join(store_dir, object_name(digest))):
-            return digest, None
-        staged = stage_copy(store_dir, fd, token, digest)
-        # An object must hold exactly what its name says: a file written to while it was
-        # hashed or copied is refused (as tar does), not stored under a wrong name.
-        after = os.fstat(fd)
-        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
-            before.st_size, before.st_mtime_ns, before.st_ctime_ns
-        ):  # fmt: skip
-            if staged is not None:
-                os.unlink(staged)
-            raise OSError(errno.EAGAIN, "file changed while it was read")
-        return digest, staged
-    finally:
-        os.close(fd)
+        return digest, stage_bytes(store_dir, data, token, digest)
+    before = os.fstat(fd)
+    if before.st_size != size:
+        raise OSError(errno.EAGAIN, "file changed while it was read")
+    digest = kernel or fsverity.digest_fd(fd, size=size)
+    if store_dir is None:
+        return digest, None
+    if os.path.lexists(os.path.join(store_dir, object_name(digest))):
+        return digest, None
+    staged = stage_copy(store_dir, fd, token, digest)
+    # An object must hold exactly what its name says: a file written to while it was
+    # hashed or copied is refused (as tar does), not stored under a wrong name.
+    after = os.fstat(fd)
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+        before.st_size, before.st_mtime_ns, before.st_ctime_ns
+    ):  # fmt: skip
+        if staged is not None:
+            os.unlink(staged)
+        raise OSError(errno.EAGAIN, "file changed while it was read")
+    return digest, staged
 
 
 _Result = tuple[bytes, str | None] | OSError
 _Work = tuple[bytes, int, int, bool]  # path, size, device, whether to stage a copy
 
+# Files opened ahead of the one being hashed, with the kernel reading them in meanwhile:
+# at most this many, and no more once those hold this many bytes to read (a large file
+# counts for its first _AHEAD_BYTES only; its own sequential reads bring in the rest).
+_AHEAD_FILES = 8
+_AHEAD_BYTES = 8 << 20
+
+
+def _opened_ahead(batch: list[_Work]) -> Generator[tuple[_Work, int | OSError], None, None]:
+    """Each file of ``batch`` in order, opened (or why not), while the next few are already
+    being read into the page cache: the source is often not cached, and a worker waiting
+    on one file's read at a time leaves both the disk and the CPU idle.
+
+    Every descriptor is closed when the next file is asked for or the generator is closed.
+    """
+    ahead: deque[tuple[_Work, int | OSError, int]] = deque()
+    ahead_bytes = 0
+    try:
+        for work in batch:
+            while ahead and (len(ahead) >= _AHEAD_FILES or ahead_bytes >= _AHEAD_BYTES):
+                ahead_bytes -= yield from _hand_over(ahead)
+            path, size, _device, _stage = work
+            advised = min(size, _AHEAD_BYTES)
+            ahead.append((work, _open_readahead(path, advised), advised))
+            ahead_bytes += advised
+        while ahead:
+            yield from _hand_over(ahead)
+    finally:
+        for _work, fd, _advised in ahead:
+            if isinstance(fd, int):
+                os.close(fd)
+
+
+def _hand_over(
+    ahead: deque[tuple[_Work, int | OSError, int]],
+) -> Generator[tuple[_Work, int | OSError], None, int]:
+    """Yields the oldest file opened ahead, then closes it; returns its bytes advised."""
+    work, fd, advised = ahead.popleft()
+    try:
+        yield work, fd
+    finally:
+        if isinstance(fd, int):
+            os.close(fd)
+    return advised
+
+
+def _open_readahead(path: bytes, length: int) -> int | OSError:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as e:
+        return e
+    if length:
+        # Starts the reads without waiting for them; next to nothing for cached pages.  Only
+        # advice: where it fails, the file is read all the same.
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, length, os.POSIX_FADV_WILLNEED)
+    return fd
+
 
 def _hash_batch(batch: list[_Work], store_dir: str | None, token: str) -> list[_Result]:
     out: list[_Result] = []
-    for path, size, device, stage in batch:
-        try:
-            out.append(_hash_file(path, size, device, store_dir if stage else None, token))
-        except OSError as e:
-            out.append(e)
+    files = _opened_ahead(batch)
+    try:
+        for (_path, size, device, stage), fd in files:
+            if isinstance(fd, OSError):
+                out.append(fd)
+                continue
+            try:
+                out.append(_hash_file(fd, size, device, store_dir if stage else None, token))
+            except OSError as e:
+                out.append(e)
+    finally:
+        files.close()
     return out
 
 
