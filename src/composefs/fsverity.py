@@ -33,9 +33,16 @@ _ZERO_BLOCK = bytes(BLOCK_SIZE)
 # sig_size (0), data_size, root_hash[64], salt[32], reserved[144].
 _DESCRIPTOR = struct.Struct("<BBBBIQ64s32s144x")
 assert _DESCRIPTOR.size == 256
-_EMPTY_DIGEST = _sha256(
-    _DESCRIPTOR.pack(1, HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, 0, bytes(DIGEST_SIZE), b"")
-).digest()
+
+
+def _descriptor_digest(size: int, root_hash: bytes) -> bytes:
+    """The digest itself: the hash of the descriptor of a file of ``size`` bytes whose
+    Merkle tree has ``root_hash`` at its top."""
+    descriptor = _DESCRIPTOR.pack(1, HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, size, root_hash, b"")
+    return _sha256(descriptor).digest()
+
+
+_EMPTY_DIGEST = _descriptor_digest(0, bytes(DIGEST_SIZE))
 
 # Where hashing is split between processes: below this, forking costs more than it saves.
 PARALLEL_MIN_SIZE = 64 << 20
@@ -141,10 +148,7 @@ class FsVerityHasher:
             level += 1
 
     def digest(self) -> bytes:
-        descriptor = _DESCRIPTOR.pack(
-            1, HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, self._size, self.root_hash(), b""
-        )
-        return _sha256(descriptor).digest()
+        return _descriptor_digest(self._size, self.root_hash())
 
     def hexdigest(self) -> str:
         return self.digest().hex()
@@ -176,15 +180,11 @@ def digest(data: bytes | bytearray | memoryview) -> bytes:
         if not size:
             return _EMPTY_DIGEST
         root = _sha256(bytes(data) + _ZERO_BLOCK[size:] if size < BLOCK_SIZE else data)
-        return _sha256(
-            _DESCRIPTOR.pack(1, HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, size, root.digest(), b"")
-        ).digest()
+        return _descriptor_digest(size, root.digest())
     level = hash_blocks(data)
     while len(level) > DIGEST_SIZE:
         level = hash_blocks(level)
-    return _sha256(
-        _DESCRIPTOR.pack(1, HASH_ALG_SHA256, LOG_BLOCK_SIZE, 0, 0, size, level, b"")
-    ).digest()
+    return _descriptor_digest(size, level)
 
 
 def digest_stream(stream: BinaryIO, *, chunk_size: int = _READ_CHUNK) -> bytes:
