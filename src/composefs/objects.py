@@ -203,7 +203,6 @@ class ObjectWriter:
         # names present in each XX/ directory, listed once when first needed: far cheaper
         # than one lstat per file when most objects are already there
         self._present: dict[str, frozenset[str]] = {}
-        self._dirs: set[str] = set()  # XX/ directories known to exist
         self.added = 0
         self.added_bytes = 0
         self.reused = 0
@@ -301,17 +300,14 @@ class ObjectWriter:
                 elif verity:
                     verity = seal_object(tmp, digest)  # stop trying where it is unsupported
                 h = digest.hex()
-                if h[:2] not in self._dirs:
-                    with contextlib.suppress(FileExistsError):
-                        os.mkdir(h[:2], _DIR_MODE, dir_fd=root_fd)
-                    self._dirs.add(h[:2])
                 # relative to the store: no lookup of its path for each object (and
                 # right whatever path, relative or not, named the store)
                 name = os.path.relpath(tmp, store)
                 try:
                     os.rename(name, f"{h[:2]}/{h[2:]}", src_dir_fd=root_fd, dst_dir_fd=root_fd)
                 except FileNotFoundError:
-                    # a failed writer removed the directory, empty then (see abort)
+                    # No XX/ directory: an object staged in the top directory (a stream)
+                    # is its first, or a failed writer removed it empty (see abort).
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(h[:2], _DIR_MODE, dir_fd=root_fd)
                     os.rename(name, f"{h[:2]}/{h[2:]}", src_dir_fd=root_fd, dst_dir_fd=root_fd)
