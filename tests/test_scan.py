@@ -182,7 +182,7 @@ def test_cli_relative_paths(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     objects = {p.relative_to(tmp_path / "store") for p in (tmp_path / "store").rglob("*/*")}
     assert objects
-    assert not list((tmp_path / "store").glob(".tmp*"))
+    assert temporary_files(tmp_path / "store") == []
     tree = load_tree((tmp_path / "out.img").read_bytes())
     assert {Path(n.payload.decode()) for _, n in tree.walk() if n.digest} == objects
 
