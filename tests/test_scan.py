@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ from composefs import fsverity
 from composefs import scan as scan_module
 from composefs.erofs.reader import load_tree
 from composefs.erofs.writer import build_image
-from composefs.objects import ObjectStore, temporary_files
+from composefs.objects import DIRECT_MIN, ObjectStore, temporary_files, write_direct
 from composefs.progress import Progress
 from composefs.scan import ScanError, ScanOptions, ScanStats, scan_directory
 
@@ -338,12 +339,10 @@ def test_failed_run_leaves_no_temporary_files(
         (src / f"f{i:03d}").write_bytes(os.urandom(100) + b"%d" % i)
     real = scan_module._hash_file
 
-    def failing(
-        fd: int, size: int, device: int, store_dir: str | None, token: str
-    ) -> tuple[bytes, str | None]:
+    def failing(fd: int, *rest: Any) -> Any:
         if os.readlink(f"/proc/self/fd/{fd}").endswith("f399"):
             raise OSError(errno.EIO, "simulated read error")
-        return real(fd, size, device, store_dir, token)
+        return real(fd, *rest)
 
     monkeypatch.setattr(scan_module, "_hash_file", failing)  # workers are forked: they see it
     store = ObjectStore(tmp_path / "store")
@@ -409,9 +408,7 @@ def test_file_changed_after_the_walk(
     real = scan_module._hash_file
     changed = False
 
-    def changing(
-        fd: int, size: int, device: int, store_dir: str | None, token: str
-    ) -> tuple[bytes, str | None]:
+    def changing(fd: int, *rest: Any) -> Any:
         nonlocal changed
         if not changed:
             changed = True
@@ -424,7 +421,7 @@ def test_file_changed_after_the_walk(
                 target.unlink()
                 if change == "symlink":
                     target.symlink_to("f000")
-        return real(fd, size, device, store_dir, token)
+        return real(fd, *rest)
 
     monkeypatch.setattr(scan_module, "_hash_file", changing)
     fds = len(os.listdir("/proc/self/fd"))
@@ -432,3 +429,90 @@ def test_file_changed_after_the_walk(
         scan_directory(src, ScanOptions(threads=1), ObjectStore(tmp_path / "store"))
     assert changed
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+# Around the sizes where the scan changes how it copies: direct I/O from DIRECT_MIN on
+# (from memory below 8 MiB, from the file above, in 8 MiB chunks), partial last blocks.
+DIRECT_SIZES = [
+    DIRECT_MIN - 1,
+    DIRECT_MIN,
+    DIRECT_MIN + 1,
+    (1 << 20) + 123,
+    8 << 20,
+    (8 << 20) + 4097,
+    (17 << 20) + 5,
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_objects_written_with_direct_io(threads: int, tmp_path: Path) -> None:
+    """Objects copied with direct I/O hold exactly their source, partial blocks included."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for size in DIRECT_SIZES:
+        (src / f"s{size}").write_bytes(os.urandom(size))
+    store = tmp_path / "store"
+    tree = scan_directory(src, ScanOptions(threads=threads), ObjectStore(store))
+    for size in DIRECT_SIZES:
+        node = tree.lookup(b"/s%d" % size)
+        assert node is not None and node.payload is not None
+        obj = store / os.fsdecode(node.payload)
+        assert obj.read_bytes() == (src / f"s{size}").read_bytes()
+        assert fsverity.digest_file(obj) == node.digest
+        assert obj.stat().st_mode & 0o777 == 0o644
+    assert temporary_files(store) == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounting ramfs needs root")
+def test_store_without_direct_io(tmp_path: Path) -> None:
+    """Where the file system refuses O_DIRECT (ramfs), objects are written through the page
+    cache instead."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for size in DIRECT_SIZES:
+        (src / f"s{size}").write_bytes(os.urandom(size))
+    ramfs = tmp_path / "ramfs"
+    ramfs.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(ramfs)], check=True)
+    try:
+        fd = os.open(ramfs / "probe", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            assert not write_direct(fd, DIRECT_MIN, lambda view, offset: len(view))
+            assert os.fstat(fd).st_size == 0  # nothing written on the way
+        finally:
+            os.close(fd)
+        store = ramfs / "store"
+        tree = scan_directory(src, ScanOptions(threads=2), ObjectStore(store))
+        for size in DIRECT_SIZES:
+            node = tree.lookup(b"/s%d" % size)
+            assert node is not None and node.payload is not None
+            assert (store / os.fsdecode(node.payload)).read_bytes() == (
+                src / f"s{size}"
+            ).read_bytes()
+        assert temporary_files(store) == []
+    finally:
+        subprocess.run(["umount", str(ramfs)], check=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_file_changed_while_copied(
+    threads: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file hashed from its descriptor and written to while it is copied to the store (in
+    the write thread) stops the scan with its own error, and leaves nothing staged."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom((8 << 20) + 1))
+    real = scan_module.copy_file
+
+    def copy_then_append(src_fd: int, dst_fd: int, *, direct: bool = False) -> None:
+        real(src_fd, dst_fd, direct=direct)
+        with (src / "big").open("ab") as f:  # another writer, just after the copy
+            f.write(b"late")
+
+    monkeypatch.setattr(scan_module, "copy_file", copy_then_append)  # forked workers too
+    store = tmp_path / "store"
+    with pytest.raises(ScanError, match="big: file changed while it was read"):
+        scan_directory(src, ScanOptions(threads=threads), ObjectStore(store))
+    assert temporary_files(store) == []
+    assert not any(p.is_file() for p in store.rglob("*"))

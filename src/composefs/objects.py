@@ -17,9 +17,11 @@ import errno
 import fcntl
 import functools
 import itertools
+import mmap
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -51,14 +53,23 @@ def _syncfs(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def copy_file(src_fd: int, dst_fd: int) -> None:
-    """Copy a whole file: a reflink where the filesystem can, else ``copy_file_range``."""
+def copy_file(src_fd: int, dst_fd: int, *, direct: bool = False) -> None:
+    """Copy a whole file into the new, empty ``dst_fd``: a reflink where the filesystem
+    can, else ``copy_file_range``, or with ``direct`` I/O (see :func:`write_direct`) for a
+    file of at least ``DIRECT_MIN`` bytes."""
     try:
         fcntl.ioctl(dst_fd, FICLONE, src_fd)
         return
     except OSError:
         pass
     size = os.fstat(src_fd).st_size
+    if direct and size >= DIRECT_MIN:
+
+        def read_into(view: memoryview, offset: int) -> int:
+            return os.preadv(src_fd, [view], offset)
+
+        if write_direct(dst_fd, size, read_into):
+            return
     offset = 0
     try:
         while offset < size:
@@ -81,6 +92,108 @@ def copy_file(src_fd: int, dst_fd: int) -> None:
         offset += len(chunk)
 
 
+def write_bytes(fd: int, data: bytes, *, direct: bool = False) -> None:
+    """Write all of ``data`` to the new, empty ``fd``; with ``direct`` I/O (see
+    :func:`write_direct`) when it holds at least ``DIRECT_MIN`` bytes."""
+    view = memoryview(data)
+    if direct and len(view) >= DIRECT_MIN:
+
+        def read_into(buf: memoryview, offset: int) -> int:
+            n = min(len(buf), len(view) - offset)
+            buf[:n] = view[offset : offset + n]
+            return n
+
+        if write_direct(fd, len(view), read_into):
+            return
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# Direct I/O, for objects of at least this size.  Through the page cache, every byte of
+# a new object is copied into newly allocated pages, which costs more CPU than hashing
+# it, and is then copied out again by writeback; with O_DIRECT the disk reads it from one
+# reused buffer.  The wait for the disk is the caller's, so it belongs in a thread beside
+# the hashing (as the scan does).  Below this size, a write through the page cache and
+# one writeback for many files costs less than a disk round trip per file.
+DIRECT_MIN = 64 << 10
+_DIRECT_ALIGN = 4096  # of memory, offsets and lengths: covers any logical block size
+_DIRECT_CHUNK = 8 << 20
+
+
+class _AlignedBuffers:
+    """Page-aligned buffers for direct writes, one lent to each write under way: mapped
+    once per process and reused (a new mapping for each file would fault its pages in
+    again)."""
+
+    def __init__(self) -> None:
+        self._free: list[memoryview] = []
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[memoryview]:
+        with self._lock:
+            view = self._free.pop() if self._free else None
+        if view is None:
+            view = memoryview(mmap.mmap(-1, _DIRECT_CHUNK))
+        try:
+            yield view
+        finally:
+            with self._lock:
+                self._free.append(view)
+
+
+_aligned_buffers = _AlignedBuffers()
+
+
+def write_direct(dst_fd: int, size: int, read_into: Callable[[memoryview, int], int]) -> bool:
+    """Write ``size`` bytes to the new, empty file ``dst_fd`` with O_DIRECT, in chunks that
+    ``read_into(view, offset)`` puts into an aligned buffer (returning how many bytes).
+
+    False, with nothing written, where the file system refuses direct I/O: the caller
+    then writes through the page cache.  The data is durable only after an fsync or
+    syncfs, as with a buffered write (its extents are metadata in the page cache).
+    """
+    flags = fcntl.fcntl(dst_fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(dst_fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError:
+        return False
+    try:
+        with _aligned_buffers.lend() as view:
+            return _write_aligned(dst_fd, size, read_into, view)
+    finally:
+        fcntl.fcntl(dst_fd, fcntl.F_SETFL, flags)
+
+
+def _write_aligned(
+    fd: int, size: int, read_into: Callable[[memoryview, int], int], view: memoryview
+) -> bool:
+    offset = 0
+    while offset < size:
+        n = read_into(view[: min(len(view), size - offset)], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, f"content ends at {offset} bytes, {size} expected")
+        if offset + n < size:
+            n -= n % _DIRECT_ALIGN  # a short read: keep the next offset aligned
+            if not n:
+                continue
+        # A last partial block is written whole, zero-filled, and cut back below.
+        padded = -(-n // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        view[n:padded] = bytes(padded - n)
+        done = 0
+        while done < padded:
+            try:
+                done += os.pwrite(fd, view[done:padded], offset + done)
+            except OSError as e:
+                if e.errno == errno.EINVAL and offset + done == 0:
+                    return False  # an alignment this file system does not take
+                raise
+        offset += n
+    if size % _DIRECT_ALIGN:
+        os.ftruncate(fd, size)
+    return True
+
+
 TEMP_PREFIX = ".tmp-"
 _tmp_counter = itertools.count()
 
@@ -96,8 +209,9 @@ def _new_temporary(store_dir: str, token: str) -> tuple[int, str]:
             continue
 
 
-def _stage(store_dir: str, token: str, digest: bytes, fill: Callable[[int], object]) -> str | None:
-    """A temporary file for object ``digest``, written by ``fill(fd)``; returns its path.
+def open_stage(store_dir: str, token: str, digest: bytes) -> tuple[int, str] | None:
+    """A new, empty temporary file for object ``digest``: its descriptor and path, for
+    :func:`fill_stage`.
 
     Any process may call this (the scan's workers do).  The name carries the writer's
     ``token``, so that :meth:`ObjectWriter.abort` can remove every file a failed run
@@ -114,20 +228,18 @@ def _stage(store_dir: str, token: str, digest: bytes, fill: Callable[[int], obje
     tmp = os.path.join(subdir, f"{TEMP_PREFIX}{token}-{h[2:]}")
     while True:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            break
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
         except FileExistsError:
             return None
         except FileNotFoundError:
             # the directory's first object (or a failed writer has just removed it empty)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(subdir, _DIR_MODE)
-    return _fill(fd, tmp, fill)
 
 
-def _fill(fd: int, tmp: str, fill: Callable[[int], object]) -> str:
-    """Write a new temporary file with ``fill(fd)`` and give it the objects' mode; on
-    failure remove it."""
+def fill_stage(fd: int, tmp: str, fill: Callable[[int], object]) -> str:
+    """Write a new temporary file with ``fill(fd)``, give it the objects' mode and close
+    it; returns its path.  On failure it is removed."""
     try:
         fill(fd)
         os.fchmod(fd, OBJECT_MODE)
@@ -139,21 +251,21 @@ def _fill(fd: int, tmp: str, fill: Callable[[int], object]) -> str:
     return tmp
 
 
+def _stage(store_dir: str, token: str, digest: bytes, fill: Callable[[int], object]) -> str | None:
+    opened = open_stage(store_dir, token, digest)
+    return fill_stage(*opened, fill) if opened is not None else None
+
+
 def stage_copy(store_dir: str, src_fd: int, token: str, digest: bytes) -> str | None:
-    """Copy ``src_fd`` into a temporary file for object ``digest`` (see :func:`_stage`)."""
+    """Copy ``src_fd`` into a temporary file for object ``digest`` (see :func:`open_stage`);
+    None when this writer has staged it already."""
     return _stage(store_dir, token, digest, lambda fd: copy_file(src_fd, fd))
 
 
 def stage_bytes(store_dir: str, data: bytes, token: str, digest: bytes) -> str | None:
     """Like :func:`stage_copy`, from bytes already read and hashed: the object is then
     exactly what was hashed, whatever happens to the source file meanwhile."""
-
-    def write_all(fd: int) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-
-    return _stage(store_dir, token, digest, write_all)
+    return _stage(store_dir, token, digest, lambda fd: write_bytes(fd, data))
 
 
 def temporary_files(store_dir: str | os.PathLike[str], token: str = "") -> list[str]:
@@ -260,7 +372,7 @@ class ObjectWriter:
                     left -= len(chunk)
 
         fd, tmp = _new_temporary(os.fspath(self.store.path), self.token)
-        _fill(fd, tmp, copy)
+        fill_stage(fd, tmp, copy)
         digest = hasher.digest()
         if self.contains(digest):
             os.unlink(tmp)

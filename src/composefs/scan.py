@@ -12,6 +12,8 @@ every name, with the number of names in the tree as its link count); symlink tar
 With an :class:`~composefs.objects.ObjectStore`, the content of every file that is not
 embedded is added to it.  Digests are computed in ``threads`` worker processes (hashlib
 releases the GIL, but handing it between threads costs more than hashing a small file).
+Each worker writes its larger copies with direct I/O from two threads of its own, so that
+it goes on hashing while they wait for the disk.
 """
 
 from __future__ import annotations
@@ -23,16 +25,23 @@ import os
 import stat
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from composefs import fsverity
 from composefs.errors import ComposefsError, TreeError
-from composefs.objects import ObjectStore, ObjectWriter, object_name, stage_bytes, stage_copy
+from composefs.objects import (
+    DIRECT_MIN,
+    ObjectStore,
+    ObjectWriter,
+    copy_file,
+    fill_stage,
+    object_name,
+    open_stage,
+    stage_bytes,
+    write_bytes,
+)
 from composefs.tree import S_IFBLK, S_IFCHR, S_IFMT, Inode, Tree
-
-if TYPE_CHECKING:
-    from concurrent.futures import Executor, Future
 
 INLINE_MAX = 64  # the reference embeds files up to this size
 # A task handed to a worker process: this many files, or fewer holding this many bytes
@@ -201,15 +210,20 @@ def _load(
 # Files below this size are read whole into memory, hashed and written from there.
 _READ_WHOLE = 8 << 20
 
+# What staging a file gives: its temporary's path, None (nothing to stage), or a write
+# still under way in a write thread.
+_Staged = str | None | Future[str]
+
 
 def _hash_file(
-    fd: int, size: int, device: int, store_dir: str | None, token: str
-) -> tuple[bytes, str | None]:
+    fd: int, size: int, device: int, store_dir: str | None, token: str, writes: Executor
+) -> tuple[bytes, _Staged]:
     """Digest of one open file and, with a store, a staged copy of it unless the object
     exists or this run has staged it already (None: the writer counts it as reused).
 
     Runs in the worker processes.  ``size`` and ``device`` are what the tree recorded from
-    ``lstat``: the content must have that size.
+    ``lstat``: the content must have that size.  Copies of at least ``DIRECT_MIN`` bytes
+    are written with direct I/O by ``writes`` (a thread), while this one goes on hashing.
     """
     # A file with fs-verity already carries its digest: the kernel's measurement is the
     # same value without reading the file.
@@ -221,26 +235,51 @@ def _hash_file(
         digest = fsverity.digest(data)
         if store_dir is None or os.path.lexists(os.path.join(store_dir, object_name(digest))):
             return digest, None
-        return digest, stage_bytes(store_dir, data, token, digest)
+        if size < DIRECT_MIN:
+            return digest, stage_bytes(store_dir, data, token, digest)
+        return digest, _stage_behind(
+            writes, store_dir, token, digest, lambda out: write_bytes(out, data, direct=True)
+        )
     before = os.fstat(fd)
     if before.st_size != size:
         raise OSError(errno.EAGAIN, "file changed while it was read")
     digest = kernel or fsverity.digest_fd(fd, size=size)
-    if store_dir is None:
+    if store_dir is None or os.path.lexists(os.path.join(store_dir, object_name(digest))):
         return digest, None
-    if os.path.lexists(os.path.join(store_dir, object_name(digest))):
-        return digest, None
-    staged = stage_copy(store_dir, fd, token, digest)
-    # An object must hold exactly what its name says: a file written to while it was
-    # hashed or copied is refused (as tar does), not stored under a wrong name.
-    after = os.fstat(fd)
-    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
-        before.st_size, before.st_mtime_ns, before.st_ctime_ns
-    ):  # fmt: skip
-        if staged is not None:
-            os.unlink(staged)
-        raise OSError(errno.EAGAIN, "file changed while it was read")
+    src = os.dup(fd)  # the copy outlives this call, and the caller closes ``fd``
+
+    def copy(out: int) -> None:
+        try:
+            copy_file(src, out, direct=True)
+            # An object must hold exactly what its name says: a file written to while it
+            # was hashed or copied is refused (as tar does), not stored under a wrong name.
+            after = os.fstat(src)
+        finally:
+            os.close(src)
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+            before.st_size, before.st_mtime_ns, before.st_ctime_ns
+        ):  # fmt: skip
+            raise OSError(errno.EAGAIN, "file changed while it was read")
+
+    try:
+        staged = _stage_behind(writes, store_dir, token, digest, copy)
+    except BaseException:
+        os.close(src)
+        raise
+    if staged is None:
+        os.close(src)
     return digest, staged
+
+
+def _stage_behind(
+    writes: Executor, store_dir: str, token: str, digest: bytes, fill: Callable[[int], object]
+) -> Future[str] | None:
+    """Stage object ``digest`` (None if this run has already), written by ``fill`` in the
+    ``writes`` thread."""
+    opened = open_stage(store_dir, token, digest)
+    if opened is None:
+        return None
+    return writes.submit(fill_stage, *opened, fill)
 
 
 _Result = tuple[bytes, str | None] | OSError
@@ -304,21 +343,45 @@ def _open_readahead(path: bytes, length: int) -> int | OSError:
     return fd
 
 
+# Threads writing a worker's copies with direct I/O: each waits for one write at a time,
+# and the disk takes several at once.
+_WRITE_THREADS = 2
+
+
 def _hash_batch(batch: list[_Work], store_dir: str | None, token: str) -> list[_Result]:
-    out: list[_Result] = []
+    out: list[tuple[bytes, _Staged] | OSError] = []
     files = _opened_ahead(batch)
-    try:
-        for (_path, size, device, stage), fd in files:
-            if isinstance(fd, OSError):
-                out.append(fd)
-                continue
-            try:
-                out.append(_hash_file(fd, size, device, store_dir if stage else None, token))
-            except OSError as e:
-                out.append(e)
-    finally:
-        files.close()
-    return out
+    # Every write started for this batch ends before it returns (the pool's shutdown waits),
+    # whether it failed or not: what it returns is committed, and after a failure, abort
+    # must see every temporary file.  The thread lives no longer: a process running other
+    # threads could no longer fork workers.
+    with ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="composefs-write") as writes:
+        try:
+            for (_path, size, device, stage), fd in files:
+                if isinstance(fd, OSError):
+                    out.append(fd)
+                    continue
+                try:
+                    staging = store_dir if stage else None
+                    out.append(_hash_file(fd, size, device, staging, token, writes))
+                except OSError as e:
+                    out.append(e)
+        finally:
+            files.close()
+    return [_settled(r) for r in out]
+
+
+def _settled(result: tuple[bytes, _Staged] | OSError) -> _Result:
+    """A result whose write has ended: the path it staged, or why it failed."""
+    if isinstance(result, OSError):
+        return result
+    digest, staged = result
+    if isinstance(staged, Future):
+        try:
+            return digest, staged.result()
+        except OSError as e:
+            return e
+    return digest, staged
 
 
 class _Hasher:
