@@ -516,3 +516,33 @@ def test_large_file_changed_while_copied(
         scan_directory(src, ScanOptions(threads=threads), ObjectStore(store))
     assert temporary_files(store) == []
     assert not any(p.is_file() for p in store.rglob("*"))
+
+
+def test_store_syncs_once_per_batch_and_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch's objects are durable before the first of them is renamed into place, and
+    the last renames are made durable before the scan returns, with one syncfs per batch
+    and one at the end (each flushes the disk's cache)."""
+    from composefs import objects
+
+    monkeypatch.setattr(objects, "BATCH_OBJECTS", 3)
+    events: list[str] = []
+    real_syncfs, real_rename = objects._syncfs, os.rename
+
+    def syncfs(fd: int) -> None:
+        events.append("sync")
+        real_syncfs(fd)
+
+    def rename(src: str, dst: str, **kwargs: Any) -> None:
+        events.append("rename")
+        real_rename(src, dst, **kwargs)
+
+    monkeypatch.setattr(objects, "_syncfs", syncfs)
+    monkeypatch.setattr(objects.os, "rename", rename)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(7):
+        (src / f"f{i}").write_bytes(os.urandom(100))
+    scan_directory(src, ScanOptions(threads=1), ObjectStore(tmp_path / "store"))
+    assert "".join(e[0] for e in events) == "srrrsrrrsrs"

@@ -318,6 +318,7 @@ class ObjectWriter:
         # names present in each XX/ directory, listed once when first needed: far cheaper
         # than one lstat per file when most objects are already there
         self._present: dict[str, frozenset[str]] = {}
+        self._renames_unsynced = False  # renamed into place, not yet made durable
         self.added = 0
         self.added_bytes = 0
         self.reused = 0
@@ -397,11 +398,24 @@ class ObjectWriter:
         # Commit in batches: an interrupted run keeps what it wrote (a retry finds it),
         # and temporary files never pile up past one batch.
         if len(self._pending) >= BATCH_OBJECTS or self._pending_bytes >= BATCH_BYTES:
-            self.commit()
+            self._commit_batch()
 
     def commit(self) -> None:
-        """Make staged objects durable (one syncfs), enable fs-verity, rename into place,
-        and make the renames durable (a second syncfs: one call for every directory)."""
+        """Make every staged object durable, enable fs-verity, rename it into place, and
+        make the renames durable: once this returns, a crash loses none of them."""
+        self._commit_batch()
+        if self._renames_unsynced:
+            self._syncfs()
+            self._renames_unsynced = False
+
+    def _commit_batch(self) -> None:
+        """Make the staged objects durable (one syncfs, which also makes the renames of
+        the batch before durable), then rename them into place.
+
+        A crash before their renames are durable leaves some as temporary files, never a
+        partial object; :meth:`commit` ends with the syncfs that makes them durable.  One
+        syncfs per batch, not two: each flushes the disk's cache, stalling all I/O.
+        """
         if not self._pending:
             return
         store = os.fspath(self.store.path)
@@ -426,12 +440,19 @@ class ObjectWriter:
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(h[:2], _DIR_MODE, dir_fd=root_fd)
                     os.rename(name, f"{h[:2]}/{h[2:]}", src_dir_fd=root_fd, dst_dir_fd=root_fd)
-            _syncfs(root_fd)
         finally:
             os.close(root_fd)
+        self._renames_unsynced = True
         self._committed.update(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
+
+    def _syncfs(self) -> None:
+        fd = os.open(self.store.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _syncfs(fd)
+        finally:
+            os.close(fd)
 
     def abort(self) -> None:
         """Remove everything staged for this writer, adopted or not, and the ``XX/``
