@@ -30,9 +30,9 @@ from composefs import fsverity
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 OBJECT_MODE = 0o644
-# Staged objects made durable and renamed into place together.  Each commit costs two
-# syncfs calls, each a flush of the disk's cache that stalls the writes in flight, so
-# batches are large; most of their bytes are written with direct I/O, not held dirty.
+# Staged objects made durable and renamed into place together.  Each batch costs a
+# syncfs, a flush of the disk's cache that stalls the writes in flight, so batches are
+# large; most of their bytes are written with direct I/O, not held dirty.
 BATCH_OBJECTS = 32768
 BATCH_BYTES = 4 << 30
 _DIR_MODE = 0o755
