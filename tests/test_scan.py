@@ -444,14 +444,17 @@ DIRECT_SIZES = [
 ]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_objects_written_with_direct_io(threads: int, tmp_path: Path) -> None:
-    """Objects copied with direct I/O hold exactly their source, partial blocks included."""
-    src = tmp_path / "src"
+def make_sized_files(src: Path) -> Path:
+    """A file of each of DIRECT_SIZES, of random content, in ``src``."""
     src.mkdir()
     for size in DIRECT_SIZES:
         (src / f"s{size}").write_bytes(os.urandom(size))
-    store = tmp_path / "store"
+    return src
+
+
+def check_sized_objects(src: Path, store: Path, threads: int) -> None:
+    """Scan ``src`` (from make_sized_files) into ``store``: each object holds exactly its
+    source, under its digest, with the objects' mode, and nothing is left staged."""
     tree = scan_directory(src, ScanOptions(threads=threads), ObjectStore(store))
     for size in DIRECT_SIZES:
         node = tree.lookup(b"/s%d" % size)
@@ -463,14 +466,17 @@ def test_objects_written_with_direct_io(threads: int, tmp_path: Path) -> None:
     assert temporary_files(store) == []
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_objects_written_with_direct_io(threads: int, tmp_path: Path) -> None:
+    """Objects copied with direct I/O hold exactly their source, partial blocks included."""
+    check_sized_objects(make_sized_files(tmp_path / "src"), tmp_path / "store", threads)
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="mounting ramfs needs root")
 def test_store_without_direct_io(tmp_path: Path) -> None:
     """Where the file system refuses O_DIRECT (ramfs), objects are written through the page
     cache instead."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for size in DIRECT_SIZES:
-        (src / f"s{size}").write_bytes(os.urandom(size))
+    src = make_sized_files(tmp_path / "src")
     ramfs = tmp_path / "ramfs"
     ramfs.mkdir()
     subprocess.run(["mount", "-t", "ramfs", "ramfs", str(ramfs)], check=True)
@@ -481,15 +487,7 @@ def test_store_without_direct_io(tmp_path: Path) -> None:
             assert os.fstat(fd).st_size == 0  # nothing written on the way
         finally:
             os.close(fd)
-        store = ramfs / "store"
-        tree = scan_directory(src, ScanOptions(threads=2), ObjectStore(store))
-        for size in DIRECT_SIZES:
-            node = tree.lookup(b"/s%d" % size)
-            assert node is not None and node.payload is not None
-            assert (store / os.fsdecode(node.payload)).read_bytes() == (
-                src / f"s{size}"
-            ).read_bytes()
-        assert temporary_files(store) == []
+        check_sized_objects(src, ramfs / "store", threads=2)
     finally:
         subprocess.run(["umount", str(ramfs)], check=True)
 
