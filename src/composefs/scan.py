@@ -353,7 +353,7 @@ def _hash_batch(batch: list[_Work], store_dir: str | None, token: str) -> list[_
     files = _opened_ahead(batch)
     # Every write started for this batch ends before it returns (the pool's shutdown waits),
     # whether it failed or not: what it returns is committed, and after a failure, abort
-    # must see every temporary file.  The thread lives no longer: a process running other
+    # must see every temporary file.  The threads live no longer: a process running other
     # threads could no longer fork workers.
     with ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="composefs-write") as writes:
         try:
