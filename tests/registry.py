@@ -321,6 +321,9 @@ class Layer:
     tar: bytes | None = None
 
 
+LAYER_MTIME = 1_700_000_000
+
+
 def _change(rootfs: Path, layer: Layer) -> None:
     for name in layer.delete:
         path = rootfs / name.strip("/")
@@ -337,6 +340,12 @@ def _change(rootfs: Path, layer: Layer) -> None:
         path.write_bytes(content.encode() if isinstance(content, str) else content)
     if layer.tree is not None:
         shutil.copytree(layer.tree, rootfs, symlinks=True, dirs_exist_ok=True)
+    # One fixed time on everything, so the same layer built twice is the same blob: with
+    # the clock's, a build that crossed a second boundary gave a different digest.
+    for top, dirs, files in os.walk(rootfs):
+        for name in [*dirs, *files]:
+            os.utime(os.path.join(top, name), (LAYER_MTIME, LAYER_MTIME), follow_symlinks=False)
+    os.utime(rootfs, (LAYER_MTIME, LAYER_MTIME))
 
 
 def build_image(
