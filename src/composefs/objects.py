@@ -419,6 +419,7 @@ class ObjectWriter:
         if not self._pending:
             return
         store = os.fspath(self.store.path)
+        prefix = os.path.join(store, "")  # how the stagers name the store: cut, not relpath
         root_fd = os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             _syncfs(root_fd)
@@ -429,9 +430,8 @@ class ObjectWriter:
                 elif verity:
                     verity = seal_object(tmp, digest)  # stop trying where it is unsupported
                 h = digest.hex()
-                # relative to the store: no lookup of its path for each object (and
-                # right whatever path, relative or not, named the store)
-                name = os.path.relpath(tmp, store)
+                # relative to the store: no lookup of its path for each object
+                name = tmp[len(prefix) :] if tmp.startswith(prefix) else os.path.relpath(tmp, store)
                 try:
                     os.rename(name, f"{h[:2]}/{h[2:]}", src_dir_fd=root_fd, dst_dir_fd=root_fd)
                 except FileNotFoundError:
