@@ -163,14 +163,27 @@ def write_direct(dst_fd: int, size: int, read_into: Callable[[memoryview, int], 
         return False
     try:
         with _aligned_buffers.lend() as view:
-            return _write_aligned(dst_fd, size, read_into, view)
+            tail = _write_aligned(dst_fd, size, read_into, view)
     finally:
         fcntl.fcntl(dst_fd, fcntl.F_SETFL, flags)
+    if tail is None:
+        return False
+    # The last partial block goes through the page cache.  Written whole with O_DIRECT
+    # and cut back, the file's end would be zeroed by the truncate, which first reads
+    # that block back from the disk: a wait of a disk round trip for every object.
+    offset = size - len(tail)
+    while tail:
+        n = os.pwrite(dst_fd, tail, offset)
+        tail = tail[n:]
+        offset += n
+    return True
 
 
 def _write_aligned(
     fd: int, size: int, read_into: Callable[[memoryview, int], int], view: memoryview
-) -> bool:
+) -> bytes | None:
+    """Writes every whole block of the content; returns the bytes of a last partial
+    block, left to write, or None if the file system refused (with nothing written)."""
     offset = 0
     while offset < size:
         n = read_into(view[: min(len(view), size - offset)], offset)
@@ -180,21 +193,19 @@ def _write_aligned(
             n -= n % _DIRECT_ALIGN  # a short read: keep the next offset aligned
             if not n:
                 continue
-        # A last partial block is written whole, zero-filled, and cut back below.
-        padded = -(-n // _DIRECT_ALIGN) * _DIRECT_ALIGN
-        view[n:padded] = bytes(padded - n)
+        whole = n - n % _DIRECT_ALIGN
         done = 0
-        while done < padded:
+        while done < whole:
             try:
-                done += os.pwrite(fd, view[done:padded], offset + done)
+                done += os.pwrite(fd, view[done:whole], offset + done)
             except OSError as e:
                 if e.errno == errno.EINVAL and offset + done == 0:
-                    return False  # an alignment this file system does not take
+                    return None  # an alignment this file system does not take
                 raise
+        if whole < n:  # the end of the content
+            return bytes(view[whole:n])
         offset += n
-    if size % _DIRECT_ALIGN:
-        os.ftruncate(fd, size)
-    return True
+    return b""
 
 
 TEMP_PREFIX = ".tmp-"
