@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from composefs import fsverity
 from composefs.errors import ComposefsError, TreeError
@@ -233,7 +234,7 @@ def _hash_file(
         # written from the same bytes, so it holds exactly what its name says.
         data = fsverity.read_exact(fd, size)
         digest = fsverity.digest(data)
-        if store_dir is None or os.path.lexists(os.path.join(store_dir, object_name(digest))):
+        if not _to_stage(store_dir, digest):
             return digest, None
         if size < DIRECT_MIN:
             return digest, stage_bytes(store_dir, data, token, digest)
@@ -244,7 +245,7 @@ def _hash_file(
     if before.st_size != size:
         raise OSError(errno.EAGAIN, "file changed while it was read")
     digest = kernel or fsverity.digest_fd(fd, size=size)
-    if store_dir is None or os.path.lexists(os.path.join(store_dir, object_name(digest))):
+    if not _to_stage(store_dir, digest):
         return digest, None
     src = os.dup(fd)  # the copy outlives this call, and the caller closes ``fd``
 
@@ -269,6 +270,13 @@ def _hash_file(
     if staged is None:
         os.close(src)
     return digest, staged
+
+
+def _to_stage(store_dir: str | None, digest: bytes) -> TypeGuard[str]:
+    """Whether object ``digest`` needs staging: there is a store, and it lacks the object."""
+    return store_dir is not None and not os.path.lexists(
+        os.path.join(store_dir, object_name(digest))
+    )
 
 
 def _stage_behind(
