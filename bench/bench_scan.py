@@ -11,17 +11,24 @@ On ext4 without a journal, creating files near inodes deleted in the last minute
 while their inode table blocks are dirty) is slow: a run right after a large store was
 deleted measures that, not the tool.  So every round fills new stores, all removed at the
 end, and runs of this benchmark should be some minutes apart.
+
+Each tool's empty-store run starts from the same memory: as root, the caches are dropped
+and the tree read back in first.  Otherwise a tool would pay for the page cache the tools
+before it filled (a full cache makes every page it writes wait for reclaim), and the
+order of the tools would decide the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from measure import find_reference, measure, our_builds
+from measure import drop_caches, find_reference, measure, our_builds
 
 
 def main() -> int:
@@ -51,6 +58,9 @@ def main() -> int:
         du = subprocess.run(["du", "-sb", str(src)], capture_output=True, text=True, check=True)
         gigabytes = int(du.stdout.split()[0]) / 1e9
         print(f"source: {origin}: {files} files, {gigabytes:.2f} GB")
+        same_start = os.geteuid() == 0
+        if not same_start:
+            print("  (not root: caches not dropped, each tool starts with what the last left)")
         images: dict[str, bytes] = {}
         for run in range(args.repeat):
             results: dict[tuple[str, str], tuple[float, float]] = {}
@@ -64,6 +74,9 @@ def main() -> int:
                     ("populated store", [f"--digest-store={store}"]),
                     ("no store", []),
                 ):
+                    if same_start and case == "empty store":
+                        drop_caches()
+                        _read_all(src)
                     subprocess.run(["sync"], check=True)
                     wall, cpu, _rss, _out = measure([exe, *extra, str(src), str(image)])
                     results[(name, case)] = (wall, cpu)
@@ -74,6 +87,17 @@ def main() -> int:
     else:
         print("  (reference mkcomposefs not found; pass --reference PATH)")
     return 0
+
+
+def _read_all(tree: Path) -> None:
+    """Bring every inode and every file's content of ``tree`` into the caches."""
+    for top, dirs, names in os.walk(tree):
+        for name in dirs + names:
+            path = os.path.join(top, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                with open(path, "rb", buffering=0) as f:
+                    while f.read(1 << 20):
+                        pass
 
 
 def _report(
