@@ -23,5 +23,6 @@ if [ -x build/compiled-venv/bin/python ]; then
   exec build/compiled-venv/bin/python -m pytest -p no:cacheprovider "$@" \
     tests/test_dumpfile.py tests/test_upstream_assets.py tests/test_reader.py \
     tests/test_hostile_images.py tests/test_mkcomposefs_cli.py tests/test_image_validity.py \
-    tests/test_reference_compare.py tests/test_scan.py tests/test_fsverity.py
+    tests/test_reference_compare.py tests/test_scan.py tests/test_fsverity.py \
+    tests/test_fuse.py tests/test_repository.py
 fi
