@@ -3,9 +3,9 @@
 The package is pure Python and complete without this; compiling the dump parser, the
 model and the image writer with mypyc (the compiler mypy and black ship with) makes
 ``mkcomposefs --from-file`` about 1.5x faster, and compiling the directory scan and the
-fs-verity hashing makes ``mkcomposefs SOURCEDIR`` about 1.15x faster.  Build it with
-``scripts/build-compiled.sh`` (or ``COMPOSEFS_MYPYC=1 pip install --no-build-isolation .``
-in an environment that has mypy).
+fs-verity hashing makes ``mkcomposefs SOURCEDIR`` without a store about 1.15x faster.
+Build it with ``scripts/build-compiled.sh`` (or ``COMPOSEFS_MYPYC=1 pip install
+--no-build-isolation .`` in an environment that has mypy).
 """
 
 import os
